@@ -66,7 +66,8 @@ def _shards(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
 
 
 def write_checkpoint(
-    out: Path, source: str, config, tokenizer, state: dict[str, torch.Tensor], quant_config: dict
+    out: Path, source: str, config, tokenizer, state: dict[str, torch.Tensor], quant_config: dict,
+    out_dtype: torch.dtype,
 ) -> None:
     """Write weights, config.json (with quantization_config), tokenizer and generation config to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -84,12 +85,15 @@ def write_checkpoint(
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
     config_dict = config.to_dict()
     config_dict["quantization_config"] = quant_config
+    config_dict["dtype"] = str(out_dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out)
     src = Path(source)
     for name in CONFIG_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
+    for file in out.glob("*.safetensors"):
+        file.chmod(0o644)  # readable by a non-root server process
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

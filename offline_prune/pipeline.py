@@ -66,15 +66,16 @@ class _StopForward(Exception):
 
 
 def _load(args: PruneArgs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        out_dtype = dtype_of_config(AutoConfig.from_pretrained(source))  # before loading in float32
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load model {args.model!r} from {source}: {err}") from err
-    return source, tokenizer, model.to(args.device).eval()
+    return source, tokenizer, model.to(args.device).eval(), out_dtype
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def prune(args: PruneArgs, overwrite: bool = False) -> dict:
     skip = re.compile(args.skip) if args.skip else None
     out = Path(args.out)
     started = time.perf_counter()
-    source, tokenizer, model = _load(args)
+    source, tokenizer, model, out_dtype = _load(args)
     layers = decoder_layers(model)
     linears_per_layer = [
         target_linears(layer, skip, f"model.layers.{i}") for i, layer in enumerate(layers)
@@ -155,7 +156,9 @@ def prune(args: PruneArgs, overwrite: bool = False) -> dict:
                 progress.save(name, job.tensors, job.report)
             results[name], report = progress.load(name)
             reports.append(report)
-            bar.set_postfix(rel_loss=f"{report['loss_final_relative']:.4f}")
+        if linears:
+            mean = sum(r["loss_final_relative"] for r in reports[-len(linears):]) / len(linears)
+            bar.set_postfix(rel_loss=f"{mean:.4f}")
         if needs_data and sequential:
             for name, lin in linears.items():
                 lin.weight.copy_(fmt.reconstruct_weight(results[name]).to(lin.weight))
@@ -163,10 +166,9 @@ def prune(args: PruneArgs, overwrite: bool = False) -> dict:
         if needs_data:
             hidden = outputs
 
-    out_dtype = dtype_of_config(model.config)
     state = checkpoint_state(model, results, out_dtype)  # pruned weights are replaced by their cores
     quant = fmt.make_quant_config(args.method, args.block_size if args.method == "armor" else None, list(results))
-    write_checkpoint(out, source, model.config, tokenizer, state, quant)
+    write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
     report = _report(args, source, reports, time.perf_counter() - started)
     (out / REPORT_FILE).write_text(_json(report))
     progress.finish()
