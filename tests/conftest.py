@@ -68,3 +68,19 @@ def tiny_llama(tmp_path_factory, smollm2_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory, smollm2_dir) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", smollm2_dir)
+
+
+E2E_PRUNE = dict(calib_samples=8, calib_seqlen=256, block_size=32, iters=30, seed=0)
+
+
+@pytest.fixture(scope="session")
+def armor_smollm2(tmp_path_factory, smollm2_dir, c4_path) -> Path:
+    """The bundled SmolLM2 pruned with a short ARMOR schedule (block 32: divides head_dim 64, so TP=3 works).
+
+    Shared by the end-to-end tests (vLLM serving, deploy entrypoint); built once per test session.
+    """
+    from offline_prune.pipeline import PruneArgs, prune
+
+    out = tmp_path_factory.mktemp("smollm2-armor") / "model"
+    prune(PruneArgs(model=str(smollm2_dir), out=str(out), method="armor", calib=f"c4:{c4_path}", **E2E_PRUNE))
+    return out
