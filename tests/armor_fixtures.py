@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vllm_armor import checkpoint_format as cf
+from vllm_armor.fold import fold_checkpoint  # noqa: F401 - re-exported for the tests
 
 log = logging.getLogger("tests.armor_fixtures")
 
@@ -269,4 +270,13 @@ def make_malformed(armor_dir: Path, out: Path, kind: str) -> Path:
     else:
         raise ValueError(f"unknown malformation {kind!r}")
     save_file(t, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
+
+
+def write_swapped_kv_b(armor_dir: Path, out: Path) -> Path:
+    """Copy of ``armor_dir`` with k_proj/v_proj B blocks swapped (negative control for offline checks)."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(armor_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    save_file(swap_kv_b(armor_dir), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from vllm_server import VllmServer
+from vllm_armor.serve_process import VllmServer
 
 PROMPTS = (
     "The capital of France is",
@@ -15,10 +15,11 @@ PROMPTS = (
 )
 MAX_TOKENS = 24
 # Served (bf16) tokens may differ from the offline fp32 top choice only where the fp32 model itself is
-# undecided: its top-1 logit exceeds the served token's logit by less than this (measured on the tiny
-# models: bf16 vs fp32 logit differences stay below ~0.1 there).
-MARGIN_TOL = 0.25
-MAX_MISMATCH_FRACTION = 0.05
+# undecided: its top-1 logit exceeds the served token's logit by less than MARGIN_TOL. Measured on the tiny
+# random Llama (72 steps, small logit margins): eager 3-4 mismatches (worst margin 0.19-0.33), compiled
+# factored 10 (worst 0.27), TP=3 5 (worst 0.21); the swapped k/v B negative control: 72 of 72, worst 17.4.
+MARGIN_TOL = 0.5
+MAX_MISMATCH_FRACTION = 0.2
 
 
 @dataclass

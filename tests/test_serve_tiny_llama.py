@@ -2,7 +2,7 @@
 
 One module-scoped fixture runs the servers one after another (never two at once) and records what the
 tests assert on: the ARMOR checkpoint served eagerly (chat, streaming, greedy tokens), its dense-folded
-twin, the ARMOR checkpoint compiled (vLLM's default compilation), with the factored kernel, and at TP=3.
+twin, both compiled (vLLM's default compilation), the factored kernel compiled, and TP=3.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import armor_fixtures as af
 import pytest
 from parity import Greedy, greedy_all, offline_report
-from vllm_server import VllmServer
+from vllm_armor.serve_process import VllmServer
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +35,8 @@ def _serve(model, args, env=None) -> tuple[list[Greedy], str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_llama) -> Runs:
-    armor_dir, dense_dir = tiny_llama
+def runs(armor_tiny_llama) -> Runs:
+    armor_dir, dense_dir = armor_tiny_llama
     out = Runs()
     with VllmServer(armor_dir, ["--quantization", "armor", *EAGER]) as srv:
         client = srv.client()
@@ -54,7 +54,7 @@ def runs(tiny_llama) -> Runs:
         out.log = srv.log_text()
     out.greedy["dense"], _ = _serve(dense_dir, EAGER)
     out.greedy["armor_compiled"], _ = _serve(armor_dir, COMPILED)
-    out.greedy["factored"], _ = _serve(armor_dir, EAGER, {"VLLM_ARMOR_KERNEL": "factored"})
+    out.greedy["dense_compiled"], _ = _serve(dense_dir, COMPILED)
     out.greedy["factored_compiled"], _ = _serve(armor_dir, COMPILED, {"VLLM_ARMOR_KERNEL": "factored"})
     out.greedy["armor_tp3"], _ = _serve(armor_dir, [*EAGER, "--tensor-parallel-size", "3"], TP3_ENV)
     return out
@@ -79,26 +79,28 @@ def test_greedy_parity_with_dense_folded_twin(runs):
         assert armor.tokens == dense.tokens
 
 
-def test_compiled_equals_eager(runs):
-    assert [g.tokens for g in runs.greedy["armor_compiled"]] == [g.tokens for g in runs.greedy["armor"]]
+def test_compiled_parity_with_dense_folded_twin(runs):
+    # vLLM's compiled and eager graphs round differently, so compiled is compared with compiled.
+    assert [g.tokens for g in runs.greedy["armor_compiled"]] == [g.tokens for g in runs.greedy["dense_compiled"]]
 
 
-def test_tp3_equals_tp1(runs):
-    assert [g.tokens for g in runs.greedy["armor_tp3"]] == [g.tokens for g in runs.greedy["armor"]]
+# TP=3 vs TP=1 token equality is asserted on SmolLM2 (test_serve_smollm2.py): on this random model the
+# logit margins are so small that the all-reduce's different summation order flips a few tokens (measured:
+# prompt 2 diverges at step 4); here TP=3 is checked against the offline model instead.
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_llama):
-    return af.offline_fp32_model(tiny_llama[0])
+def offline(armor_tiny_llama):
+    return af.offline_fp32_model(armor_tiny_llama[0])
 
 
-@pytest.mark.parametrize("run", ["armor", "factored", "factored_compiled"])
+@pytest.mark.parametrize("run", ["armor", "armor_compiled", "factored_compiled", "armor_tp3"])
 def test_served_tokens_are_offline_top_choice(runs, offline, run):
     report = offline_report(offline, runs.greedy[run])
     assert report.ok, report
 
 
-def test_negative_control_swapped_kv_b_is_caught(runs, tiny_llama):
-    wrong = af.offline_fp32_model(tiny_llama[0], af.swap_kv_b(tiny_llama[0]))
+def test_negative_control_swapped_kv_b_is_caught(runs, armor_tiny_llama):
+    wrong = af.offline_fp32_model(armor_tiny_llama[0], af.swap_kv_b(armor_tiny_llama[0]))
     report = offline_report(wrong, runs.greedy["armor"])
     assert not report.ok, f"the offline check did not notice swapped k/v B blocks: {report}"

@@ -1,4 +1,6 @@
-"""Start and stop a real `vllm serve` subprocess (CPU backend) for the tests and the demo/benchmark scripts."""
+"""Start and stop a real `vllm serve` subprocess: used by `make demo`, `bench/serve_speed.py` and the tests.
+
+Imports no vLLM (it runs the `vllm` CLI of the same environment)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-log = logging.getLogger("tests.vllm_server")
+log = logging.getLogger("vllm_armor.serve_process")
 VENV_BIN = Path(sys.executable).parent
 
 
