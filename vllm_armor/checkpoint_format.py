@@ -19,7 +19,6 @@ or both absent (plain 2:4 checkpoints from the baselines carry neither).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -183,11 +182,13 @@ def validate_linear(
         raise _shape_error(mname, f"expected a 2-D uint8 tensor, got {meta.dtype} {tuple(meta.shape)}")
     d_out, d_in = int(meta.shape[0]), int(meta.shape[1]) * 2 * GROUP
     if values.dim() != 2 or tuple(values.shape) != (d_out, d_in // 2):
-        raise _shape_error(vname, f"expected shape {(d_out, d_in // 2)} to match {mname}, got {tuple(values.shape)}")
+        expected = (d_out, d_in // 2)
+        raise _shape_error(vname, f"expected shape {expected} to match {mname}, got {tuple(values.shape)}")
     if not values.is_floating_point():
         raise _shape_error(vname, f"expected a floating dtype, got {values.dtype}")
     if expected_shape is not None and (d_out, d_in) != tuple(expected_shape):
-        raise _shape_error(vname, f"describes a {d_out}x{d_in} weight, the layer is {expected_shape[0]}x{expected_shape[1]}")
+        layer = f"{expected_shape[0]}x{expected_shape[1]}"
+        raise _shape_error(vname, f"describes a {d_out}x{d_in} weight, the layer is {layer}")
     kept = unpack_mask(meta).reshape(d_out, d_in // GROUP, GROUP).sum(-1)
     bad = kept != KEEP
     if bool(bad.any()):
@@ -270,13 +271,6 @@ def reconstruct_weight(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype =
     # A @ (core B): each output block I of rows times A_I
     return torch.einsum("nij,njk->nik", a, cb.reshape(n_out, bs_out, d_in)).reshape(d_out, d_in)
 
-
-def num_groups(d_in: int) -> int:
-    return d_in // GROUP
-
-
-def lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""WikiText-2 perplexity of a model under every 2:4 method, side by side (issue: quality table).
+
+    .venv/bin/python bench/quality.py                       # the full protocol (hours on a 2-core CPU)
+    .venv/bin/python bench/quality.py --calib-samples 32 --calib-seqlen 512 --max-windows 20   # quicker
+
+Prunes with magnitude, Wanda, SparseGPT, NoWag-P, ARMOR fast and ARMOR paper (iterations chosen so that
+paper mode gets `--paper-time-factor` x fast mode's optimisation time), all from the same calibration
+windows; evaluates dense and every pruned model with `armor-eval ppl`; adds llm-compressor's results when
+bench/peers/llmcompressor.sh has written them. Writes JSON and appends tables to docs/BENCHMARKS.md:
+perplexity, pruning wall time, gap closed = 1 - (ppl_armor - ppl_dense) / (ppl_best_other - ppl_dense),
+and the relative proxy loss of a few decoder layers' matrices per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+log = logging.getLogger("bench.quality")
+BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag-p")
+
+
+def run(cmd: list[str]) -> str:
+    log.info("$ %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return proc.stdout
+
+
+def prune(args, name: str, method: str, extra: list[str]) -> dict:
+    out = args.work / name
+    cmd = [str(BIN / "armor-prune"), args.model, str(out), "--method", method, "--calib", f"c4:{args.calib}",
+           "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
+           "--seed", "0", "--block-size", str(args.block_size), *extra]
+    if (out / "armor_report.json").exists():
+        log.info("%s: reusing finished checkpoint %s", name, out)
+    else:
+        run(cmd)
+    report = json.loads((out / "armor_report.json").read_text())
+    return {"dir": str(out), "command": " ".join(cmd), "report": report}
+
+
+def ppl(args, model_dir: str) -> dict:
+    cmd = [str(BIN / "armor-eval"), "ppl", model_dir, "--data", str(args.data), "--ctx-len", str(args.ctx_len)]
+    if args.max_windows:
+        cmd += ["--max-windows", str(args.max_windows)]
+    return json.loads(run(cmd).strip().splitlines()[-1])
+
+
+def paper_iters(args, fast: dict) -> int:
+    """Iterations that give paper mode `paper_time_factor` x fast mode's optimisation time.
+
+    Seconds per paper iteration are measured per matrix shape on layer `probe_layer` (one short paper run).
+    """
+    only_probe_layer = rf"^(?!model\.layers\.{args.probe_layer}\.)"
+    # argparse keeps the last value: a tiny calibration is enough to time iterations
+    extra = ["--optimizer", "paper", "--iters", "30", "--skip", only_probe_layer,
+             "--calib-samples", "2", "--calib-seqlen", "64"]
+    probe = prune(args, "probe-paper", "armor", extra)
+    per_iter = {tuple(r["shape"]): r["seconds"] / max(r["iterations"], 1) for r in probe["report"]["linears"]}
+    fast_seconds = fast["report"]["summary"]["job_seconds"]
+    cost = sum(per_iter[tuple(r["shape"])] for r in fast["report"]["linears"])
+    return max(10, int(args.paper_time_factor * fast_seconds / cost))
+
+
+def layer_losses(results: dict, layers: list[int]) -> dict:
+    table = {}
+    for name, res in results.items():
+        if "report" not in res:
+            continue
+        for r in res["report"]["linears"]:
+            layer = int(r["name"].split(".")[2])
+            if layer in layers:
+                table.setdefault(name, {})[r["name"].removeprefix("model.")] = r["loss_final_relative"]
+    return table
+
+
+def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
+    today = dt.date.today().isoformat()
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads"
+    lines = [
+        f"\n## Quality: WikiText-2 perplexity of {args.model} under 2:4 methods ({today})\n",
+        f"Machine: {machine}. Command: `{command}`. Calibration: C4 {args.calib_samples} x {args.calib_seqlen} "
+        f"tokens, seed 0; eval ctx_len {args.ctx_len}, windows {results['dense']['ppl']['windows']}.\n",
+        "| model | ppl | pruning wall s | mean rel. proxy loss |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, res in results.items():
+        s = res.get("report", {}).get("summary", {})
+        wall = f"{s['wall_seconds']:.0f}" if s else "-"
+        loss = f"{s['mean_loss_final_relative']:.4f}" if s else "-"
+        lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {wall} | {loss} |")
+    for name, g in gap.items():
+        lines.append(f"\nGap closed by {name} vs best other ({g['best_other']}): **{g['gap_closed']:.1%}**")
+    lines.append("\nRelative proxy loss per matrix (selected layers):\n")
+    mats = sorted({m for v in losses.values() for m in v})
+    lines.append("| matrix | " + " | ".join(losses) + " |")
+    lines.append("| --- |" + " --- |" * len(losses))
+    for m in mats:
+        lines.append(f"| {m} | " + " | ".join(f"{losses[k].get(m, float('nan')):.4f}" for k in losses) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", type=Path, default=DATA / "c4" / "c4_validation_2k.jsonl")
+    p.add_argument("--data", type=Path, default=DATA / "wikitext2" / "wiki.test.raw")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--ctx-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--fast-iters", type=int, default=2000)
+    p.add_argument("--paper-time-factor", type=float, default=3.0)
+    p.add_argument("--probe-layer", type=int, default=10)
+    p.add_argument("--layers", default="5,15,25", help="decoder layers for the proxy-loss table")
+    p.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "quality")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict[str, dict] = {"dense": {"dir": args.model}}
+    for method in BASELINES:
+        results[method] = prune(args, method, method, [])
+    fast = ["--optimizer", "fast", "--iters", str(args.fast_iters)]
+    results["armor-fast"] = prune(args, "armor-fast", "armor", fast)
+    iters = paper_iters(args, results["armor-fast"])
+    paper = ["--optimizer", "paper", "--iters", str(iters)]
+    results[f"armor-paper-{iters}it"] = prune(args, "armor-paper", "armor", paper)
+    peers = args.work / "llmcompressor.json"
+    if peers.exists():
+        for name, res in json.loads(peers.read_text()).items():
+            results[name] = {"dir": res["dir"], "peer": True}
+    for res in results.values():
+        res["ppl"] = ppl(args, res["dir"])
+    dense = results["dense"]["ppl"]["ppl"]
+    others = {k: v["ppl"]["ppl"] for k, v in results.items() if k != "dense" and not k.startswith("armor")}
+    best = min(others, key=others.get)
+    gap = {
+        k: {"best_other": best, "gap_closed": 1 - (v["ppl"]["ppl"] - dense) / (others[best] - dense)}
+        for k, v in results.items() if k.startswith("armor")
+    }
+    losses = layer_losses(results, [int(x) for x in args.layers.split(",")])
+    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "gap": gap,
+               "layer_losses": losses, "seconds": time.time() - started}
+    (args.work / "quality.json").write_text(json.dumps(payload, indent=1, default=str))
+    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
+        f.write(markdown(args, results, gap, losses, command))
+    closed = {k: round(v["gap_closed"], 3) for k, v in gap.items()}
+    log.info("done in %.0f s; gap closed: %s", time.time() - started, closed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Command lines: `armor-prune MODEL OUT [options]` and `armor-eval ppl MODEL_DIR --data PATH`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from offline_prune.models import DEFAULT_MODEL, UserError
+from vllm_armor.checkpoint_format import ArmorFormatError
+
+log = logging.getLogger("offline_prune")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _guarded(main) -> int:
+    """Run ``main``; a user error is one line on stderr and exit code 2, not a traceback."""
+    try:
+        return main()
+    except (UserError, ArmorFormatError) as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: finished work is kept, rerun the same command to resume")
+        return 130
+
+
+def prune_parser() -> argparse.ArgumentParser:
+    from offline_prune.methods import METHODS
+
+    p = argparse.ArgumentParser(prog="armor-prune", description="Prune a Hugging Face decoder model to 2:4.")
+    p.add_argument("model", help=f"local HF folder, hub id, or '{DEFAULT_MODEL}' (bundled)")
+    p.add_argument("out", help="output folder (an HF folder with an ARMOR quantization_config)")
+    p.add_argument("--method", default="armor", choices=METHODS)
+    p.add_argument("--calib", default=None,
+                   help="c4:PATH.jsonl, text:PATH or self (default: self = sampled from the model, with a warning)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=128,
+                   help="ARMOR block size; per dimension the largest divisor that is a multiple of 4 and <= this")
+    p.add_argument("--optimizer", default="fast", choices=("fast", "paper"))
+    p.add_argument("--iters", type=int, default=2000, help="ARMOR iterations per matrix (paper: 20000)")
+    p.add_argument("--skip", default=None, help="regex of module names to leave dense")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT instead of resuming it")
+    return p
+
+
+def prune_main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from offline_prune.pipeline import PruneArgs, prune
+
+    _setup_logging()
+    a = prune_parser().parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args = PruneArgs(
+        model=a.model, out=a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
+        calib_seqlen=a.calib_seqlen, seed=a.seed, block_size=a.block_size, optimizer=a.optimizer,
+        iters=a.iters, skip=a.skip, device=device,
+    )
+
+    def run() -> int:
+        prune(args, overwrite=a.overwrite)
+        return 0
+
+    return _guarded(run)
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="armor-eval", description="Evaluate dense or ARMOR checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ppl = sub.add_parser("ppl", help="perplexity on a plain-text file (WikiText-2 protocol)")
+    ppl.add_argument("model_dir")
+    ppl.add_argument("--data", required=True, help="plain-text test file, e.g. ../shared/data/wikitext2/wiki.test.raw")
+    ppl.add_argument("--ctx-len", type=int, default=2048)
+    ppl.add_argument("--max-windows", type=int, default=None)
+    ppl.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ppl.add_argument("--device", default=None)
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    a = eval_parser().parse_args(argv)
+    return _guarded(lambda: _eval_ppl(a))
+
+
+def _eval_ppl(a: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from offline_prune.checkpoint import load_model
+    from offline_prune.evaluate import perplexity, test_windows
+    from offline_prune.models import resolve_model
+
+    folder = resolve_model(a.model_dir)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(folder, dtype=getattr(torch, a.dtype), device=device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    windows, split_tokens = test_windows(Path(a.data), tokenizer, a.ctx_len, a.max_windows)
+    result = perplexity(model, windows, device)
+    line = {"ppl": round(result["ppl"], 4), "ctx_len": a.ctx_len, "windows": int(windows.shape[0]),
+            "tokens": result["tokens"], "split_tokens": split_tokens, "model": str(a.model_dir)}
+    sys.stdout.write(json.dumps(line) + "\n")
+    return 0

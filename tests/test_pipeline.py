@@ -1,0 +1,162 @@
+"""The offline pipeline on tiny random models: statistics, every method, reload, resume, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offline_prune import methods
+from offline_prune.armor_linear import ArmorLinear
+from offline_prune.checkpoint import load_model, read_safetensors
+from offline_prune.models import UserError
+from offline_prune.pipeline import PruneArgs, prune
+from offline_prune.statistics import collect_stats
+from vllm_armor import checkpoint_format as fmt
+
+
+def tiny_args(model: Path, out: Path, c4: Path, method: str = "armor", **kw) -> PruneArgs:
+    base = dict(calib=f"c4:{c4}", calib_samples=4, calib_seqlen=32, block_size=16, iters=20, optimizer="fast")
+    base.update(kw)
+    return PruneArgs(model=str(model), out=str(out), method=method, **base)
+
+
+def test_hooks_h_equals_direct_diag(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    layer = model.model.layers[0]
+    linears = {n: layer.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    ids = torch.randint(0, 1000, (3, 17))
+    with collect_stats(linears, want_gram=True) as stats, torch.no_grad():
+        for row in ids:
+            model(row[None], use_cache=False)
+    x = layer.input_layernorm(model.model.embed_tokens(ids)).reshape(-1, 64)
+    torch.testing.assert_close(stats["self_attn.q_proj"].h, x.square().sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["self_attn.q_proj"].gram, x.T @ x, rtol=1e-4, atol=1e-4)
+    assert stats["self_attn.k_proj"] is stats["self_attn.q_proj"] is stats["self_attn.v_proj"]
+    assert stats["self_attn.q_proj"].tokens == 3 * 17
+
+
+def _dense_twin(model_dir: Path, out: Path):
+    """The original model with every pruned weight replaced by its dense reconstruction A @ core @ B."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = read_safetensors(out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    for module in qc["pruned_modules"]:
+        tensors = {s: state[fmt.tensor_name(module, s)] for s in fmt.TENSOR_SUFFIXES
+                   if fmt.tensor_name(module, s) in state}
+        dense.get_submodule(module).weight.data = fmt.reconstruct_weight(tensors)
+    return dense.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_every_method_prunes_and_reloads(arch, method, tiny_llama, tiny_qwen2, c4_path, tmp_path):
+    model_dir = tiny_llama if arch == "llama" else tiny_qwen2
+    out = tmp_path / "out"
+    report = prune(tiny_args(model_dir, out, c4_path, method))
+    assert report["summary"]["linears"] == 14
+    for r in report["linears"]:
+        if method in ("armor", "nowag-p"):  # ARMOR never ends above its NoWag-P start
+            assert r["loss_final"] <= r["loss_init"] * (1 + 1e-6) + 1e-9, r
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == method and len(qc["pruned_modules"]) == 14
+    loaded = load_model(out)
+    pruned = [m for m in loaded.modules() if isinstance(m, ArmorLinear)]
+    assert len(pruned) == 14
+    assert all((m.a_blocks is not None) == (method == "armor") for m in pruned)
+    # The whole model equals the dense model whose weights are A @ core @ B.
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        got = loaded(ids, use_cache=False).logits
+        want = _dense_twin(model_dir, out)(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if arch == "qwen2":
+        assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_nowag_p_report_equals_its_init(tiny_llama, c4_path, tmp_path):
+    report = prune(tiny_args(tiny_llama, tmp_path / "o", c4_path, "nowag-p"))
+    for r in report["linears"]:
+        assert r["loss_final"] == pytest.approx(r["loss_init"], rel=1e-5)
+
+
+def test_armor_beats_nowag_p_on_tiny_model(tiny_llama, c4_path, tmp_path):
+    report = prune(tiny_args(tiny_llama, tmp_path / "o", c4_path, "armor", iters=100))
+    s = report["summary"]
+    assert s["mean_loss_final_relative"] < 0.97 * s["mean_loss_init_relative"]
+    assert {r["block_out"] for r in report["linears"]} <= {16}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "armor_report.json"}
+
+
+def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    prune(tiny_args(tiny_llama, full, c4_path))
+    resumed = tmp_path / "resumed"
+    real_run_job = methods.run_job
+    calls = {"n": 0}
+
+    def crash_on_sixth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_run_job(*a, **k)
+
+    monkeypatch.setattr(methods, "run_job", crash_on_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_args(tiny_llama, resumed, c4_path))
+    assert len(list((resumed / ".progress").glob("*.safetensors"))) == 5
+    monkeypatch.setattr(methods, "run_job", real_run_job)
+    with pytest.raises(UserError, match="other arguments.*iters"):
+        prune(tiny_args(tiny_llama, resumed, c4_path, iters=21))
+    prune(tiny_args(tiny_llama, resumed, c4_path))
+    assert not (resumed / ".progress").exists()
+    assert _files(resumed) == _files(full)
+    with pytest.raises(UserError, match="--overwrite"):
+        prune(tiny_args(tiny_llama, resumed, c4_path))
+    prune(tiny_args(tiny_llama, resumed, c4_path, method="magnitude"), overwrite=True)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    code = "import sys; from offline_prune.cli import prune_main; sys.exit(prune_main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+def test_cli_bad_model_path(tmp_path):
+    _assert_one_line_error(_cli(str(tmp_path / "nope"), str(tmp_path / "o")), "is neither a local folder")
+    (tmp_path / "empty").mkdir()
+    _assert_one_line_error(_cli(str(tmp_path / "empty"), str(tmp_path / "o")), "has no config.json")
+
+
+def test_cli_model_without_supported_linears(tmp_path, smollm2_dir):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=49152)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(folder)
+    _assert_one_line_error(_cli(str(folder), str(tmp_path / "o"), "--method", "magnitude"), "no decoder layers")
+
+
+def test_cli_unreadable_calibration(tmp_path, tiny_llama):
+    out = str(tmp_path / "o")
+    _assert_one_line_error(_cli(str(tiny_llama), out, "--calib", f"c4:{tmp_path}/missing.jsonl"), "does not exist")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    _assert_one_line_error(_cli(str(tiny_llama), out, "--calib", f"c4:{bad}"), "bad.jsonl:2")
