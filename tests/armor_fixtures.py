@@ -195,7 +195,8 @@ def offline_fp32_model(armor_dir: Path, tensors: dict[str, torch.Tensor] | None 
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     state = {k: v.float() for k, v in tensors.items() if k.endswith(".weight") or k.endswith(".bias")}
     for module in cfg["quantization_config"]["pruned_modules"]:
-        parts = {s: tensors[cf.tensor_name(module, s)] for s in cf.TENSOR_SUFFIXES if cf.tensor_name(module, s) in tensors}
+        names = {s: cf.tensor_name(module, s) for s in cf.TENSOR_SUFFIXES}
+        parts = {s: tensors[n] for s, n in names.items() if n in tensors}
         state[f"{module}.weight"] = cf.reconstruct_weight(parts, torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]

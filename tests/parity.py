@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from vllm_armor.serve_process import VllmServer
 
 PROMPTS = (

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import armor_fixtures as af
 import pytest
 from parity import Greedy, greedy_all, offline_report
+
 from vllm_armor.serve_process import VllmServer
 
 pytestmark = pytest.mark.e2e

@@ -7,6 +7,7 @@ from __future__ import annotations
 import armor_fixtures as af
 import pytest
 from parity import greedy_all, offline_report
+
 from vllm_armor.serve_process import VllmServer
 
 pytestmark = pytest.mark.e2e

@@ -32,7 +32,8 @@ def fold_checkpoint(armor_dir: Path, out: Path) -> Path:
         tensors.update(load_file(str(f)))
     dense = dict(tensors)
     for module in cfg["quantization_config"]["pruned_modules"]:
-        parts = {s: dense.pop(cf.tensor_name(module, s)) for s in cf.TENSOR_SUFFIXES if cf.tensor_name(module, s) in dense}
+        names = {s: cf.tensor_name(module, s) for s in cf.TENSOR_SUFFIXES}
+        parts = {s: dense.pop(n) for s, n in names.items() if n in dense}
         dense[f"{module}.weight"] = cf.reconstruct_weight(parts, torch.float32).to(parts[cf.CORE_VALUES].dtype)
     out.mkdir(parents=True, exist_ok=True)
     for f in armor_dir.iterdir():

@@ -117,10 +117,10 @@ class ArmorConfig(QuantizationConfig):
         if all(pruned):
             return ArmorLinearMethod(self, prefix, shards)
         if any(pruned):
-            dense = [s for s, p in zip(shards, pruned) if not p]
+            dense = [s for s, p in zip(shards, pruned, strict=True) if not p]
             raise ArmorFormatError(
                 f"fused layer '{prefix}' is only partly pruned: {dense} are not in quantization_config."
-                f"pruned_modules while {[s for s, p in zip(shards, pruned) if p]} are; prune all or none"
+                f"pruned_modules while {[s for s, p in zip(shards, pruned, strict=True) if p]} are; prune all or none"
             )
         return UnquantizedLinearMethod()
 
@@ -263,7 +263,7 @@ class ArmorLinearMethod(LinearMethodBase):
             raise ArmorFormatError(f"layer '{self.prefix}': core_values of {self.shard_modules} differ in dtype")
         layout = LayerLayout(self.prefix, row_parallel, in_pp, tp_rank if row_parallel else 0, dtypes.pop())
         offset = a_off = b_off = 0
-        for module, lid, rows, rank in zip(self.shard_modules, loader_ids, out_parts, row_ranks):
+        for module, lid, rows, rank in zip(self.shard_modules, loader_ids, out_parts, row_ranks, strict=True):
             full_rows = self._require(module, cf.CORE_VALUES).shape[0]
             self._check_full_shape(module, full_rows, input_size)
             if (rank + 1) * rows > full_rows:
