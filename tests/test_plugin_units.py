@@ -132,7 +132,10 @@ def test_factored_op_matches_reference_and_fold(with_ab):
     a = [t[cf.ARMOR_A] for t in shards] if with_ab else []
     b = [t[cf.ARMOR_B] for t in shards] if with_ab else []
     y = torch.ops.vllm_armor.factored_linear(x, cores, a, b, bias)
-    parts = [armor_linear_dense_core(x, t.get(cf.ARMOR_A), c, t.get(cf.ARMOR_B), None) for t, c in zip(shards, cores, strict=True)]
+    parts = [
+        armor_linear_dense_core(x, t.get(cf.ARMOR_A), c, t.get(cf.ARMOR_B), None)
+        for t, c in zip(shards, cores, strict=True)
+    ]
     ref = torch.cat(parts, dim=-1) + bias
     folded = x @ torch.cat([cf.reconstruct_weight(t) for t in shards]).T + bias
     torch.testing.assert_close(y, ref)
