@@ -1,0 +1,107 @@
+"""End to end on a tiny random Llama in the ARMOR format (real `vllm serve`, CPU backend).
+
+One module-scoped fixture runs the servers one after another (never two at once) and records what the
+tests assert on: the ARMOR checkpoint served eagerly (chat, streaming, greedy tokens), its dense-folded
+twin, both compiled (vLLM's default compilation), the factored kernel compiled, and TP=3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import armor_fixtures as af
+import pytest
+from parity import Greedy, greedy_all, offline_report
+
+from vllm_armor.serve_process import VllmServer
+
+pytestmark = pytest.mark.e2e
+
+EAGER = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "8"]
+COMPILED = ["--max-model-len", "512", "--max-num-seqs", "8"]
+TP3_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+
+
+@dataclass
+class Runs:
+    chat: str = ""
+    stream_chunks: list[str] = field(default_factory=list)
+    log: str = ""
+    greedy: dict[str, list[Greedy]] = field(default_factory=dict)
+
+
+def _serve(model, args, env=None) -> tuple[list[Greedy], str]:
+    with VllmServer(model, args, env or {}) as srv:
+        return greedy_all(srv), srv.log_text()
+
+
+@pytest.fixture(scope="module")
+def runs(armor_tiny_llama) -> Runs:
+    armor_dir, dense_dir = armor_tiny_llama
+    out = Runs()
+    with VllmServer(armor_dir, ["--quantization", "armor", *EAGER]) as srv:
+        client = srv.client()
+        r = client.chat.completions.create(
+            model=str(armor_dir), messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=16,
+            temperature=0.0,
+        )
+        out.chat = r.choices[0].message.content or ""
+        stream = client.chat.completions.create(
+            model=str(armor_dir), messages=[{"role": "user", "content": "Name a color."}], max_tokens=16,
+            temperature=0.0, stream=True,
+        )
+        out.stream_chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        out.greedy["armor"] = greedy_all(srv)
+        out.log = srv.log_text()
+    out.greedy["dense"], _ = _serve(dense_dir, EAGER)
+    out.greedy["armor_compiled"], _ = _serve(armor_dir, COMPILED)
+    out.greedy["dense_compiled"], _ = _serve(dense_dir, COMPILED)
+    out.greedy["factored_compiled"], _ = _serve(armor_dir, COMPILED, {"VLLM_ARMOR_KERNEL": "factored"})
+    out.greedy["armor_tp3"], _ = _serve(armor_dir, [*EAGER, "--tensor-parallel-size", "3"], TP3_ENV)
+    return out
+
+
+def test_chat_completion(runs):
+    assert runs.chat.strip(), "empty chat answer"
+
+
+def test_streaming(runs):
+    assert len([c for c in runs.stream_chunks if c]) >= 2, runs.stream_chunks
+
+
+def test_kernel_choice_logged_once(runs):
+    lines = [ln for ln in runs.log.splitlines() if "ARMOR kernel: dense" in ln]
+    assert len(lines) == 1, lines
+
+
+def test_greedy_parity_with_dense_folded_twin(runs):
+    for armor, dense in zip(runs.greedy["armor"], runs.greedy["dense"], strict=True):
+        assert armor.prompt_ids == dense.prompt_ids
+        assert armor.tokens == dense.tokens
+
+
+def test_compiled_parity_with_dense_folded_twin(runs):
+    # vLLM's compiled and eager graphs round differently, so compiled is compared with compiled.
+    assert [g.tokens for g in runs.greedy["armor_compiled"]] == [g.tokens for g in runs.greedy["dense_compiled"]]
+
+
+# TP=3 vs TP=1 token equality is asserted on SmolLM2 (test_serve_smollm2.py): on this random model the
+# logit margins are so small that the all-reduce's different summation order flips a few tokens (measured:
+# prompt 2 diverges at step 4); here TP=3 is checked against the offline model instead.
+
+
+@pytest.fixture(scope="module")
+def offline(armor_tiny_llama):
+    return af.offline_fp32_model(armor_tiny_llama[0])
+
+
+@pytest.mark.parametrize("run", ["armor", "armor_compiled", "factored_compiled", "armor_tp3"])
+def test_served_tokens_are_offline_top_choice(runs, offline, run):
+    report = offline_report(offline, runs.greedy[run])
+    assert report.ok, report
+
+
+def test_negative_control_swapped_kv_b_is_caught(runs, armor_tiny_llama):
+    wrong = af.offline_fp32_model(armor_tiny_llama[0], af.swap_kv_b(armor_tiny_llama[0]))
+    report = offline_report(wrong, runs.greedy["armor"])
+    assert not report.ok, f"the offline check did not notice swapped k/v B blocks: {report}"
