@@ -1,6 +1,7 @@
 """End to end on the bundled SmolLM2-135M pruned with a short ARMOR schedule (conftest's `armor_smollm2`):
 a real `vllm serve` (CPU, eager), chat + streaming through the openai client, greedy parity with the
-dense-folded twin, agreement with the offline fp32 `ArmorLinear` model (with a negative control), TP=3.
+dense-folded twin, agreement with the offline fp32 `ArmorLinear` model (with a negative control), TP=3 checked
+against the same offline model.
 Servers run one after another inside one module fixture."""
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ def test_greedy_parity_with_dense_folded_twin(smol):
     assert [g.tokens for g in smol.greedy["armor"]] == [g.tokens for g in smol.greedy["dense"]]
 
 
-def test_tp3_equals_tp1(smol):
-    assert [g.tokens for g in smol.greedy["tp3"]] == [g.tokens for g in smol.greedy["armor"]]
+def test_tp3_tokens_are_offline_armorlinear_top_choice(smol, armor_smollm2):
+    """TP=3 sums partial products in another order, so near ties may break the other way (measured on CI: the
+    TP=3 and TP=1 greedy runs parted at the first token). Each TP=3 token must still be the offline fp32 top
+    choice, or within MARGIN_TOL of it."""
+    from offline_prune.checkpoint import load_model
+
+    report = offline_report(load_model(armor_smollm2), smol.greedy["tp3"])
+    assert report.ok, report
 
 
 def test_served_tokens_are_offline_armorlinear_top_choice(smol, armor_smollm2, tmp_path):
