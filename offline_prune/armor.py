@@ -1,0 +1,468 @@
+"""ARMOR: a 2:4 sparse core between two block-diagonal matrices, fitted to one weight matrix.
+
+W (d_out x d_in) is approximated by  W_hat = A (C) B,  with A = blockdiag(A_1..A_nO) (blocks bo x bo),
+B = blockdiag(B_1..B_nI) (blocks bi x bi) and C a 2:4 sparse core (2 of every 4 consecutive inputs kept).
+Everything is fitted in the NoWag-normalised space (offline_prune.proxy): W = diag(r) Wn diag(c), and
+
+    L(A, B, C) = sum_ij h_j (A C B - Wn)_ij^2,        relative: L / sum_ij h_j Wn_ij^2,
+
+with h = diag(X^T X) of the calibration inputs. Init: A = B = I, C = Wn * M, M the NoWag-P mask, so the
+initial loss is NoWag-P's. On return the normaliser is folded in: A'_I = diag(r_I) A_I, B'_J = B_J diag(c_J),
+so that A' C B' ~ W.
+
+Write R = A C B - Wn and Q = A^T (R * h) B^T (half the gradient of L w.r.t. the dense core).
+
+Exact group update. Changing the 4 values of one group (row p, inputs g) by D changes L by
+    dL(D) = 2 D.q + n_p D^T M_g D,     q = Q[p, g],  n_p = ||A[:, p]||^2,  M_g = (B diag(h) B^T)[g, g],
+exactly (the change of A C B is the rank-one A[:, p] (D^T B[g, :])). For each of the 6 patterns S the
+optimal kept values solve the 2x2 system  M_SS v_S = (M_g c)_S - q_S / n_p  (c the current values); the
+best pattern wins and is kept only if dL < 0. The current pattern with its current values is one of the
+candidates, so the update never raises L. Groups in different (output block, input tile) pairs change
+disjoint blocks of A C B, so one update per pair is exact simultaneously. Input tiles have lcm(bi, 4)
+columns so that a group never straddles two tiles (bi = 1, 2 or odd block sizes).
+
+Paper mode (ARMOR, arXiv 2510.05528), per iteration: one Adam step (lr 1e-4) on the blocks of A, B and the
+kept values of C for the relative loss; then in every (output block, input tile) pair one group, drawn with
+probability proportional to the L1 norm of Q over the group, gets the exact update. Early stop as in the
+official code: an iteration "improves" when the relative loss drops by more than 1e-6 relatively and 1e-8
+absolutely; stop after `patience` iterations without improvement.
+
+Fast mode, per iteration, four exact block-coordinate steps on the same L:
+  * mask: the exact update is evaluated for every group at once; the best candidates are applied together
+    (they interact inside a block pair, so the step is checked and the share applied halves on failure);
+  * values: with A, B and the mask fixed, L is a least-squares problem in the kept values, separable over
+    (I, J) block pairs with the normal operator X -> mask * (A^T A X B H B^T); a few conjugate-gradient
+    steps per block pair (matrix-free, batched over pairs) from the current values;
+  * A: with B, C fixed, A_I = (Wn_I H Y_I^T)(Y_I H Y_I^T)^-1 with Y = C B (rows of block I);
+  * B: with A, C fixed, every column of B only moves its own column of A C B, so its weight h_j cancels:
+    B_J = (Z_J^T Z_J)^-1 Z_J^T Wn_J with Z = A C (columns of block J).
+
+Guarantee (Theorem 3.1 of the paper, enforced here): every step (Adam, group update or block solve) that
+would raise L in floating point is rejected, so the history never rises and the returned loss is at most
+NoWag-P's. Same seed, same device: same result. All math is float32 whatever the input dtype; every block
+is handled by batched tensor ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_scale
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("fast", "paper")
+GROUP = 4
+# The 6 ways to keep 2 of 4.
+PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
+TINY = 1e-30
+
+
+@dataclass
+class ArmorResult:
+    a_blocks: torch.Tensor  # (d_out//block_out, block_out, block_out) float32, normaliser folded in
+    b_blocks: torch.Tensor  # (d_in//block_in, block_in, block_in) float32, normaliser folded in
+    core: torch.Tensor  # (d_out, d_in) float32, zero outside mask (A' core B' ~ W)
+    mask: torch.Tensor  # (d_out, d_in) bool, 2:4
+    history: list[float]  # relative proxy loss per iteration, history[0] = NoWag-P init
+    init_loss: float  # normalised-space proxy loss at init (absolute)
+    final_loss: float
+    init_relative: float
+    final_relative: float
+    iterations: int
+    seconds: float
+    elapsed: list[float] = field(default_factory=list)  # seconds since start at each history entry
+
+
+@dataclass
+class _Problem:
+    wn: torch.Tensor  # (d_out, d_in) normalised weight
+    h: torch.Tensor  # (d_in,) h / mean(h), for conditioning; relative losses are unchanged
+    scale: float  # sum h Wn^2 with this h
+    bo: int
+    bi: int
+
+
+@dataclass
+class _State:
+    a: torch.Tensor  # (nO, bo, bo)
+    b: torch.Tensor  # (nI, bi, bi)
+    c: torch.Tensor  # (d_out, d_in), zero outside mask
+    mask: torch.Tensor  # (d_out, d_in) bool
+
+    def copy(self) -> _State:
+        return _State(self.a.clone(), self.b.clone(), self.c.clone(), self.mask.clone())
+
+
+# ---------------------------------------------------------------- block-diagonal products
+
+
+def _left(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """blockdiag(a) @ x for x (n*bs, m)."""
+    n, bs, _ = a.shape
+    return torch.bmm(a, x.reshape(n, bs, -1)).reshape(x.shape)
+
+
+def _right(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x @ blockdiag(b) for x (m, n*bs)."""
+    n, bs, _ = b.shape
+    m = x.shape[0]
+    return torch.bmm(x.reshape(m, n, bs).transpose(0, 1), b).transpose(0, 1).reshape(m, n * bs)
+
+
+def _t(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks.transpose(1, 2)
+
+
+def _residual(p: _Problem, s: _State) -> torch.Tensor:
+    return _right(_left(s.a, s.c), s.b) - p.wn
+
+
+def _loss(p: _Problem, r: torch.Tensor) -> float:
+    return float((r.square() * p.h).sum())
+
+
+def _half_core_grad(s: _State, rh: torch.Tensor) -> torch.Tensor:
+    """Q = A^T (R h) B^T, dense (d_out, d_in)."""
+    return _right(_left(_t(s.a), rh), _t(s.b))
+
+
+# ---------------------------------------------------------------- exact group update
+
+
+def _tile(bi: int) -> int:
+    return bi * GROUP // math.gcd(bi, GROUP)
+
+
+def _group_gram(b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """M_g = (B diag(h) B^T)[g, g] for every group g of 4 inputs: (d_in/4, 4, 4)."""
+    n_in, bi, _ = b.shape
+    bhb = torch.bmm(b * h.view(n_in, 1, bi), _t(b))  # blocks of B H B^T
+    bt = _tile(bi)
+    k, n_t = bt // bi, n_in * bi // bt
+    if k > 1:  # embed the k blocks of a tile in one (bt x bt) block-diagonal matrix
+        eye = torch.eye(k, dtype=b.dtype, device=b.device)
+        bhb = torch.einsum("tkab,kl->tkalb", bhb.reshape(n_t, k, bi, bi), eye).reshape(n_t, bt, bt)
+    g = bt // GROUP
+    diag = torch.diagonal(bhb.reshape(n_t, g, GROUP, g, GROUP), dim1=1, dim2=3)  # (n_t, 4, 4, g)
+    return diag.permute(0, 3, 1, 2).reshape(n_t * g, GROUP, GROUP)
+
+
+def _solve_groups(
+    q: torch.Tensor, c: torch.Tensor, gram: torch.Tensor, n: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best 2:4 re-solve of K groups. q, c: (K, 4); gram: (K, 4, 4); n: (K,).
+
+    Returns (new values (K, 4), new keep mask (K, 4), loss change (K,)), the change exact for each group alone.
+    """
+    pat = torch.tensor(PATTERNS, device=q.device)  # (6, 2)
+    n = n.clamp_min(TINY)
+    m = gram[:, pat[:, :, None], pat[:, None, :]]  # (K, 6, 2, 2)
+    rhs = (torch.bmm(gram, c.unsqueeze(-1)).squeeze(-1) - q / n[:, None])[:, pat]  # (K, 6, 2)
+    m00, m01, m11 = m[..., 0, 0], m[..., 0, 1], m[..., 1, 1]
+    damp = 1e-7 * (m00 + m11) + TINY
+    m00, m11 = m00 + damp, m11 + damp
+    det = (m00 * m11 - m01 * m01).clamp_min(TINY)
+    v0 = (m11 * rhs[..., 0] - m01 * rhs[..., 1]) / det
+    v1 = (m00 * rhs[..., 1] - m01 * rhs[..., 0]) / det
+    vals = torch.zeros(q.shape[0], len(PATTERNS), GROUP, device=q.device, dtype=q.dtype)
+    vals.scatter_(2, pat.expand(q.shape[0], -1, -1), torch.stack([v0, v1], dim=-1))
+    d = vals - c[:, None, :]  # (K, 6, 4)
+    quad = torch.einsum("kpi,kij,kpj->kp", d, gram, d)
+    change = 2 * (d * q[:, None, :]).sum(-1) + n[:, None] * quad
+    best = change.argmin(dim=1)
+    idx = torch.arange(q.shape[0], device=q.device)
+    keep = torch.zeros(q.shape[0], GROUP, dtype=torch.bool, device=q.device)
+    keep.scatter_(1, pat[best], True)
+    return vals[idx, best], keep, change[idx, best]
+
+
+def _group_inputs(p: _Problem, s: _State, q_full: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor):
+    d_out, d_in = s.c.shape
+    q = q_full.reshape(d_out, d_in // GROUP, GROUP)[rows, groups]
+    c = s.c.reshape(d_out, d_in // GROUP, GROUP)[rows, groups]
+    gram = _group_gram(s.b, p.h)[groups]
+    n = s.a.square().sum(dim=1).reshape(-1)[rows]
+    return q, c, gram, n
+
+
+def _apply_groups(s: _State, rows: torch.Tensor, groups: torch.Tensor, vals: torch.Tensor,
+                  keep: torch.Tensor) -> None:
+    d_out, d_in = s.c.shape
+    s.c.view(d_out, d_in // GROUP, GROUP)[rows, groups] = vals * keep
+    s.mask.view(d_out, d_in // GROUP, GROUP)[rows, groups] = keep
+
+
+# ---------------------------------------------------------------- paper mode
+
+
+def _sample_groups(p: _Problem, q: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group per (output block, input tile), drawn with probability ~ L1 norm of Q over the group."""
+    d_out, d_in = q.shape
+    bo, bt = p.bo, _tile(p.bi)
+    n_o, n_t, g = d_out // bo, d_in // bt, bt // GROUP
+    score = q.abs().reshape(d_out, d_in // GROUP, GROUP).sum(-1)  # (d_out, d_in/4)
+    score = score.reshape(n_o, bo, n_t, g).permute(0, 2, 1, 3).reshape(n_o * n_t, bo * g)
+    score = torch.nan_to_num(score, nan=0.0) + TINY
+    pick = torch.multinomial(score.cpu(), 1, generator=gen).squeeze(1).to(q.device)
+    pair = torch.arange(n_o * n_t, device=q.device)
+    rows = (pair // n_t) * bo + pick // g
+    groups = (pair % n_t) * g + pick % g
+    return rows, groups
+
+
+def _adam_grads(p: _Problem, s: _State, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the relative loss w.r.t. the blocks of A, B and the kept values of C."""
+    (d_out, d_in), n_o, n_i = s.c.shape, s.a.shape[0], s.b.shape[0]
+    g = r * (2.0 * p.h / p.scale)
+    cb = _right(s.c, s.b)
+    ac = _left(s.a, s.c)
+    ga = torch.bmm(g.reshape(n_o, p.bo, d_in), cb.reshape(n_o, p.bo, d_in).transpose(1, 2))
+    gb = torch.bmm(ac.reshape(d_out, n_i, p.bi).permute(1, 2, 0), g.reshape(d_out, n_i, p.bi).transpose(0, 1))
+    gc = _half_core_grad(s, g) * s.mask
+    return ga, gb, gc
+
+
+def _paper_iteration(p: _Problem, s: _State, opt: torch.optim.Adam, r: torch.Tensor, loss: float,
+                     gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    # 1. one Adam step on A, B and the kept values; rejected if it raises the loss
+    saved = (s.a.clone(), s.b.clone(), s.c.clone())
+    s.a.grad, s.b.grad, s.c.grad = _adam_grads(p, s, r)
+    opt.step()
+    s.c.mul_(s.mask)
+    r_new = _residual(p, s)
+    loss_new = _loss(p, r_new)
+    if not loss_new <= loss:
+        s.a.copy_(saved[0])
+        s.b.copy_(saved[1])
+        s.c.copy_(saved[2])
+        r_new, loss_new = r, loss
+    r, loss = r_new, loss_new
+    # 2. one exact group update per (output block, input tile)
+    q_full = _half_core_grad(s, r * p.h)
+    rows, groups = _sample_groups(p, q_full, gen)
+    q, c, gram, n = _group_inputs(p, s, q_full, rows, groups)
+    vals, keep, change = _solve_groups(q, c, gram, n)
+    return _try_groups(p, s, r, loss, rows, groups, vals, keep, change < 0)
+
+
+def _try_groups(p, s, r, loss, rows, groups, vals, keep, accept) -> tuple[torch.Tensor, float]:
+    """Apply the accepted group updates; undo them if, in floating point, the loss went up."""
+    if not bool(accept.any()):
+        return r, loss
+    d_out, d_in = s.c.shape
+    rows, groups = rows[accept], groups[accept]
+    old_c = s.c.view(d_out, d_in // GROUP, GROUP)[rows, groups]
+    old_m = s.mask.view(d_out, d_in // GROUP, GROUP)[rows, groups]
+    _apply_groups(s, rows, groups, vals[accept], keep[accept])
+    r_new = _residual(p, s)
+    loss_new = _loss(p, r_new)
+    if loss_new <= loss:
+        return r_new, loss_new
+    _apply_groups(s, rows, groups, old_c, old_m)
+    return r, loss
+
+
+# ---------------------------------------------------------------- fast mode
+
+
+def _spd_solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batched solve of gram X = rhs for symmetric positive semi-definite gram, with a small ridge."""
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    ridge = 1e-6 * diag.mean(-1).clamp_min(TINY)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram + ridge[:, None, None] * eye)
+    if bool((info != 0).any()):
+        return torch.linalg.lstsq(gram + ridge[:, None, None] * eye, rhs).solution
+    return torch.cholesky_solve(rhs, factor)
+
+
+def _solve_a(p: _Problem, s: _State) -> torch.Tensor:
+    n_o, d_in = s.a.shape[0], s.c.shape[1]
+    y = _right(s.c, s.b).reshape(n_o, p.bo, d_in)
+    yh = y * p.h
+    gram = torch.bmm(yh, y.transpose(1, 2))  # Y H Y^T
+    rhs = torch.bmm(yh, p.wn.reshape(n_o, p.bo, d_in).transpose(1, 2))  # Y H Wn^T = (Wn H Y^T)^T
+    return _spd_solve(gram, rhs).transpose(1, 2)
+
+
+def _solve_b(p: _Problem, s: _State) -> torch.Tensor:
+    d_out, n_i = s.c.shape[0], s.b.shape[0]
+    z = _left(s.a, s.c).reshape(d_out, n_i, p.bi).transpose(0, 1)  # (nI, d_out, bi)
+    wn = p.wn.reshape(d_out, n_i, p.bi).transpose(0, 1)
+    return _spd_solve(torch.bmm(z.transpose(1, 2), z), torch.bmm(z.transpose(1, 2), wn))
+
+
+def _block_dot(p: _Problem, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per (I, J) block pair inner products, broadcast back to (d_out, d_in)."""
+    d_out, d_in = x.shape
+    n_o, n_i = d_out // p.bo, d_in // p.bi
+    dots = (x * y).reshape(n_o, p.bo, n_i, p.bi).sum(dim=(1, 3), keepdim=True)
+    return dots.expand(n_o, p.bo, n_i, p.bi).reshape(d_out, d_in)
+
+
+def _cg_values(p: _Problem, s: _State, r: torch.Tensor, steps: int) -> torch.Tensor:
+    """Conjugate gradients on the kept values, independently in every (I, J) block pair, from s.c."""
+    ata = torch.bmm(_t(s.a), s.a)
+    bhb = torch.bmm(s.b * p.h.view(s.b.shape[0], 1, p.bi), _t(s.b))
+    x = s.c.clone()
+    res = -_half_core_grad(s, r * p.h) * s.mask  # rhs - K x
+    d = res.clone()
+    rr = _block_dot(p, res, res)
+    for _ in range(steps):
+        kd = _left(ata, _right(d, bhb)) * s.mask
+        dkd = _block_dot(p, d, kd)
+        alpha = torch.where(dkd > TINY, rr / dkd.clamp_min(TINY), torch.zeros_like(dkd))
+        x += alpha * d
+        res -= alpha * kd
+        rr_new = _block_dot(p, res, res)
+        beta = torch.where(rr > TINY, rr_new / rr.clamp_min(TINY), torch.zeros_like(rr))
+        d = res + beta * d
+        rr = rr_new
+    return x
+
+
+def _mask_step(p: _Problem, s: _State, r: torch.Tensor, loss: float, share: float):
+    """Exact update evaluated for every group; the best `share` of the improving ones applied together."""
+    d_out, d_in = s.c.shape
+    q_full = _half_core_grad(s, r * p.h)
+    rows = torch.arange(d_out, device=r.device).repeat_interleave(d_in // GROUP)
+    groups = torch.arange(d_in // GROUP, device=r.device).repeat(d_out)
+    q, c, gram, n = _group_inputs(p, s, q_full, rows, groups)
+    vals, keep, change = _solve_groups(q, c, gram, n)
+    improving = change < 0
+    count = int(improving.sum())
+    if count == 0:
+        return r, loss, False
+    k = max(1, int(count * share))
+    accept = torch.zeros_like(improving)
+    accept[torch.topk(change, k, largest=False).indices] = True
+    r_new, loss_new = _try_groups(p, s, r, loss, rows, groups, vals, keep, accept & improving)
+    return r_new, loss_new, loss_new < loss
+
+
+def _try_update(p: _Problem, s: _State, r: torch.Tensor, loss: float, name: str,
+                value: torch.Tensor) -> tuple[torch.Tensor, float]:
+    old = getattr(s, name)
+    setattr(s, name, value)
+    r_new = _residual(p, s)
+    loss_new = _loss(p, r_new)
+    if math.isfinite(loss_new) and loss_new <= loss:
+        return r_new, loss_new
+    setattr(s, name, old)
+    return r, loss
+
+
+class _FastOptimizer:
+    """State of the fast mode between iterations: the share of improving groups applied together."""
+
+    def __init__(self, cg_steps: int = 4) -> None:
+        self.share = 1.0
+        self.cg_steps = cg_steps
+
+    def iteration(self, p: _Problem, s: _State, r: torch.Tensor, loss: float) -> tuple[torch.Tensor, float]:
+        r, loss, ok = _mask_step(p, s, r, loss, self.share)
+        self.share = min(1.0, self.share * 2) if ok else max(self.share / 4, 1e-4)
+        r, loss = _try_update(p, s, r, loss, "c", _cg_values(p, s, r, self.cg_steps))
+        r, loss = _try_update(p, s, r, loss, "a", _solve_a(p, s))
+        r, loss = _try_update(p, s, r, loss, "b", _solve_b(p, s))
+        return r, loss
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _check_inputs(weight: torch.Tensor, h: torch.Tensor, block_out: int, block_in: int, optimizer: str) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"armor_prune: weight must be 2-D, got shape {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    if d_in % GROUP:
+        raise ValueError(f"armor_prune: d_in = {d_in} is not a multiple of 4 (2:4 groups)")
+    if h.shape != (d_in,):
+        raise ValueError(f"armor_prune: h must have shape ({d_in},), got {tuple(h.shape)}")
+    if block_out < 1 or block_in < 1 or d_out % block_out or d_in % block_in:
+        raise ValueError(
+            f"armor_prune: block sizes ({block_out}, {block_in}) must divide the shape ({d_out}, {d_in})"
+        )
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"armor_prune: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+
+
+def _improved(new: float, old: float) -> bool:
+    return new <= (1 - RTOL) * old and new <= old - ATOL
+
+
+def armor_prune(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    block_out: int,
+    block_in: int,
+    *,
+    optimizer: str = "fast",
+    iters: int = 2000,
+    seed: int = 0,
+    lr: float = 1e-4,
+    device: str | torch.device | None = None,
+    patience: int = 100,
+) -> ArmorResult:
+    """Fit A' core B' ~ weight with a 2:4 core; see the module docstring."""
+    _check_inputs(weight, h, block_out, block_in, optimizer)
+    start = time.perf_counter()
+    dev = torch.device(device) if device is not None else weight.device
+    norm = normalize(weight.detach().to(dev))
+    h = clean_h(h.detach().to(dev))
+    h_mean = float(h.mean())
+    p = _Problem(norm.weight, h / h_mean, 0.0, block_out, block_in)
+    p.scale = float(proxy_scale(p.wn, p.h))
+    d_out, d_in = p.wn.shape
+    mask = nowag_p_mask(p.wn, p.h)
+    s = _State(
+        torch.eye(block_out, device=dev).expand(d_out // block_out, -1, -1).clone(),
+        torch.eye(block_in, device=dev).expand(d_in // block_in, -1, -1).clone(),
+        p.wn * mask,
+        mask,
+    )
+    r = _residual(p, s)
+    loss = init = _loss(p, r)
+    history, elapsed = [loss / p.scale], [time.perf_counter() - start]
+    gen = torch.Generator().manual_seed(seed)
+    if optimizer == "paper":
+        opt = torch.optim.Adam([s.a, s.b, s.c], lr=lr)
+
+        def step(r: torch.Tensor, loss: float) -> tuple[torch.Tensor, float]:
+            return _paper_iteration(p, s, opt, r, loss, gen)
+    else:
+        fast = _FastOptimizer()
+
+        def step(r: torch.Tensor, loss: float) -> tuple[torch.Tensor, float]:
+            return fast.iteration(p, s, r, loss)
+
+    left = patience
+    with torch.no_grad():
+        for it in range(1, iters + 1):
+            prev = loss
+            r, loss = step(r, loss)
+            history.append(loss / p.scale)
+            elapsed.append(time.perf_counter() - start)
+            left = patience if _improved(loss, prev) else left - 1
+            if left <= 0:
+                log.debug("armor: converged after %d iterations", it)
+                break
+    a = s.a * norm.row_scale.view(-1, block_out, 1)
+    b = s.b * norm.col_scale.view(-1, 1, block_in)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+    log.debug("armor %s %dx%d: relative loss %.5f -> %.5f in %d iterations, %.2fs",
+              optimizer, d_out, d_in, history[0], history[-1], len(history) - 1, seconds)
+    return ArmorResult(
+        a_blocks=a.contiguous(), b_blocks=b.contiguous(), core=s.c.contiguous(), mask=s.mask.contiguous(),
+        history=history, init_loss=init * h_mean, final_loss=loss * h_mean, init_relative=history[0],
+        final_relative=history[-1], iterations=len(history) - 1, seconds=seconds, elapsed=elapsed,
+    )
