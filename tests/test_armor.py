@@ -54,7 +54,7 @@ def _check_guarantee(w: torch.Tensor, h: torch.Tensor, res: armor.ArmorResult) -
     hist = res.history
     assert len(hist) == res.iterations + 1
     assert hist[0] == pytest.approx(_nowag_p_relative(w, h), rel=1e-5)
-    assert all(b <= a for a, b in zip(hist, hist[1:])), "history rose"
+    assert all(b <= a for a, b in zip(hist, hist[1:], strict=False)), "history rose"
     assert res.final_relative <= res.init_relative
     assert res.final_loss <= res.init_loss
     assert res.final_relative == hist[-1]
