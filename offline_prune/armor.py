@@ -157,30 +157,31 @@ def _group_gram(b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def _solve_groups(
     q: torch.Tensor, c: torch.Tensor, gram: torch.Tensor, n: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best 2:4 re-solve of K groups. q, c: (K, 4); gram: (K, 4, 4); n: (K,).
+    """Best 2:4 re-solve of groups. q, c: (..., 4); gram: (..., 4, 4) broadcastable to them; n: (...).
 
-    Returns (new values (K, 4), new keep mask (K, 4), loss change (K,)), the change exact for each group alone.
+    With t = M c - q / n the change of L is  dL(v) = n v^T M v - 2 n v.t + n c^T M c - 2 c.q,  so for
+    pattern S the optimum is v_S = M_SS^-1 t_S and dL = n c^T M c - 2 c.q - n t_S^T M_SS^-1 t_S.
+    Returns (new values (..., 4), new keep mask (..., 4), loss change (...)), exact for each group alone.
     """
     pat = torch.tensor(PATTERNS, device=q.device)  # (6, 2)
-    n = n.clamp_min(TINY)
-    m = gram[:, pat[:, :, None], pat[:, None, :]]  # (K, 6, 2, 2)
-    rhs = (torch.bmm(gram, c.unsqueeze(-1)).squeeze(-1) - q / n[:, None])[:, pat]  # (K, 6, 2)
-    m00, m01, m11 = m[..., 0, 0], m[..., 0, 1], m[..., 1, 1]
+    n = n.clamp_min(TINY).unsqueeze(-1)
+    mc = (gram * c.unsqueeze(-2)).sum(-1)  # M c
+    t = mc - q / n
+    t0, t1 = t[..., pat[:, 0]], t[..., pat[:, 1]]  # (..., 6)
+    m00, m11 = gram[..., pat[:, 0], pat[:, 0]], gram[..., pat[:, 1], pat[:, 1]]
+    m01 = gram[..., pat[:, 0], pat[:, 1]]
     damp = 1e-7 * (m00 + m11) + TINY
     m00, m11 = m00 + damp, m11 + damp
     det = (m00 * m11 - m01 * m01).clamp_min(TINY)
-    v0 = (m11 * rhs[..., 0] - m01 * rhs[..., 1]) / det
-    v1 = (m00 * rhs[..., 1] - m01 * rhs[..., 0]) / det
-    vals = torch.zeros(q.shape[0], len(PATTERNS), GROUP, device=q.device, dtype=q.dtype)
-    vals.scatter_(2, pat.expand(q.shape[0], -1, -1), torch.stack([v0, v1], dim=-1))
-    d = vals - c[:, None, :]  # (K, 6, 4)
-    quad = torch.einsum("kpi,kij,kpj->kp", d, gram, d)
-    change = 2 * (d * q[:, None, :]).sum(-1) + n[:, None] * quad
-    best = change.argmin(dim=1)
-    idx = torch.arange(q.shape[0], device=q.device)
-    keep = torch.zeros(q.shape[0], GROUP, dtype=torch.bool, device=q.device)
-    keep.scatter_(1, pat[best], True)
-    return vals[idx, best], keep, change[idx, best]
+    v0 = (m11 * t0 - m01 * t1) / det
+    v1 = (m00 * t1 - m01 * t0) / det
+    gain = t0 * v0 + t1 * v1  # t_S^T M_SS^-1 t_S
+    best = gain.argmax(dim=-1, keepdim=True)
+    change = n.squeeze(-1) * ((c * mc).sum(-1) - gain.gather(-1, best).squeeze(-1)) - 2 * (c * q).sum(-1)
+    idx = pat[best.squeeze(-1)]  # (..., 2)
+    vals = torch.zeros_like(q).scatter_(-1, idx, torch.cat([v0.gather(-1, best), v1.gather(-1, best)], -1))
+    keep = torch.zeros(q.shape, dtype=torch.bool, device=q.device).scatter_(-1, idx, True)
+    return vals, keep, change
 
 
 def _group_inputs(p: _Problem, s: _State, q_full: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor):
@@ -331,19 +332,21 @@ def _cg_values(p: _Problem, s: _State, r: torch.Tensor, steps: int) -> torch.Ten
 def _mask_step(p: _Problem, s: _State, r: torch.Tensor, loss: float, share: float):
     """Exact update evaluated for every group; the best `share` of the improving ones applied together."""
     d_out, d_in = s.c.shape
-    q_full = _half_core_grad(s, r * p.h)
-    rows = torch.arange(d_out, device=r.device).repeat_interleave(d_in // GROUP)
-    groups = torch.arange(d_in // GROUP, device=r.device).repeat(d_out)
-    q, c, gram, n = _group_inputs(p, s, q_full, rows, groups)
-    vals, keep, change = _solve_groups(q, c, gram, n)
-    improving = change < 0
-    count = int(improving.sum())
+    n_groups = d_in // GROUP
+    q = _half_core_grad(s, r * p.h).reshape(d_out, n_groups, GROUP)
+    c = s.c.reshape(d_out, n_groups, GROUP)
+    n = s.a.square().sum(dim=1).reshape(d_out, 1).expand(d_out, n_groups)
+    vals, keep, change = _solve_groups(q, c, _group_gram(s.b, p.h), n)
+    change = change.reshape(-1)
+    count = int((change < 0).sum())
     if count == 0:
         return r, loss, False
-    k = max(1, int(count * share))
-    accept = torch.zeros_like(improving)
-    accept[torch.topk(change, k, largest=False).indices] = True
-    r_new, loss_new = _try_groups(p, s, r, loss, rows, groups, vals, keep, accept & improving)
+    pick = torch.topk(change, max(1, int(count * share)), largest=False).indices
+    pick = pick[change[pick] < 0]
+    rows, groups = pick // n_groups, pick % n_groups
+    vals, keep = vals.reshape(-1, GROUP)[pick], keep.reshape(-1, GROUP)[pick]
+    accept = torch.ones(pick.shape[0], dtype=torch.bool, device=pick.device)
+    r_new, loss_new = _try_groups(p, s, r, loss, rows, groups, vals, keep, accept)
     return r_new, loss_new, loss_new < loss
 
 
