@@ -27,12 +27,13 @@ probability proportional to the L1 norm of Q over the group, gets the exact upda
 official code: an iteration "improves" when the relative loss drops by more than 1e-6 relatively and 1e-8
 absolutely; stop after `patience` iterations without improvement.
 
-Fast mode, per iteration, four exact block-coordinate steps on the same L:
+Fast mode, per iteration, exact block-coordinate steps on the same L:
   * mask: the exact update is evaluated for every group at once; the best candidates are applied together
     (they interact inside a block pair, so the step is checked and the share applied halves on failure);
   * values: with A, B and the mask fixed, L is a least-squares problem in the kept values, separable over
     (I, J) block pairs with the normal operator X -> mask * (A^T A X B H B^T); a few conjugate-gradient
     steps per block pair (matrix-free, batched over pairs) from the current values;
+the last three repeated a few times per mask step.
   * A: with B, C fixed, A_I = (Wn_I H Y_I^T)(Y_I H Y_I^T)^-1 with Y = C B (rows of block I);
   * B: with A, C fixed, every column of B only moves its own column of A C B, so its weight h_j cancels:
     B_J = (Z_J^T Z_J)^-1 Z_J^T Wn_J with Z = A C (columns of block J).
@@ -363,18 +364,23 @@ def _try_update(p: _Problem, s: _State, r: torch.Tensor, loss: float, name: str,
 
 
 class _FastOptimizer:
-    """State of the fast mode between iterations: the share of improving groups applied together."""
+    """Fast mode: one mask step, then `sweeps` rounds of (values by CG, A, B); every step kept only if it
+    lowers the loss. `share` is the fraction of the improving groups applied together by the mask step: it
+    shrinks when their interactions made the joint step fail and grows back after a success.
+    (3 sweeps of 2 CG steps reached paper mode's 3000-iteration loss soonest on SmolLM2 q_proj.)"""
 
-    def __init__(self, cg_steps: int = 4) -> None:
+    def __init__(self, sweeps: int = 3, cg_steps: int = 2) -> None:
         self.share = 1.0
+        self.sweeps = sweeps
         self.cg_steps = cg_steps
 
     def iteration(self, p: _Problem, s: _State, r: torch.Tensor, loss: float) -> tuple[torch.Tensor, float]:
         r, loss, ok = _mask_step(p, s, r, loss, self.share)
         self.share = min(1.0, self.share * 2) if ok else max(self.share / 4, 1e-4)
-        r, loss = _try_update(p, s, r, loss, "c", _cg_values(p, s, r, self.cg_steps))
-        r, loss = _try_update(p, s, r, loss, "a", _solve_a(p, s))
-        r, loss = _try_update(p, s, r, loss, "b", _solve_b(p, s))
+        for _ in range(self.sweeps):
+            r, loss = _try_update(p, s, r, loss, "c", _cg_values(p, s, r, self.cg_steps))
+            r, loss = _try_update(p, s, r, loss, "a", _solve_a(p, s))
+            r, loss = _try_update(p, s, r, loss, "b", _solve_b(p, s))
         return r, loss
 
 
