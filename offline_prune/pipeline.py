@@ -143,8 +143,12 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor) -> dict:
     ]
     if not any(linears_per_layer):
         raise UserError(f"model {args.model!r} has no supported linear layers to prune (q/k/v/o/gate/up/down)")
+    windows = None
+    if args.method in methods.NEEDS_CALIBRATION:  # read the data before touching OUT: a bad file leaves nothing
+        windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples, args.calib_seqlen,
+                                   args.seed)
     progress = Progress(out, _run_key(args, executor), overwrite)
-    _walk(args, model, tokenizer, layers, linears_per_layer, progress, executor)
+    _walk(args, model, windows, layers, linears_per_layer, progress, executor)
 
     names = [name for linears in linears_per_layer for name in linears]
     results: dict[str, dict[str, torch.Tensor]] = {}
@@ -170,18 +174,16 @@ def _run_key(args: PruneArgs, executor: Executor) -> dict:
     return key
 
 
-def _walk(args: PruneArgs, model: nn.Module, tokenizer, layers: nn.ModuleList,
+def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, layers: nn.ModuleList,
           linears_per_layer: list[dict[str, nn.Linear]], progress: Progress, executor: Executor) -> None:
     """Calibrate layer by layer and hand the jobs to the executor; every result is saved as it arrives.
 
     ARMOR/NoWag-P/magnitude use statistics of the dense model, so the walk goes on while jobs run. SparseGPT and
     Wanda see the pruned earlier layers: the walk waits for a layer's jobs and applies them before going on.
     """
-    needs_data = args.method in methods.NEEDS_CALIBRATION
+    needs_data = windows is not None
     sequential = args.method in methods.SEQUENTIAL_METHODS
     if needs_data:
-        windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples, args.calib_seqlen,
-                                   args.seed)
         hidden, layer_kwargs = _layer0_inputs(model, layers, windows, args.device)
     options = _options(args)
     saver = _Saver(progress, sum(len(linears) for linears in linears_per_layer))
