@@ -27,7 +27,7 @@ from vllm_armor import checkpoint_format as fmt
 log = logging.getLogger("bench.scaling")
 
 
-def _standin(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int) -> None:
+def _standin(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int) -> int:
     """`iters` stand-in ARMOR iterations (continuous step only; the discrete mask step is cheaper)."""
     d_out, d_in = w.shape
     n_out, n_in = d_out // b_out, d_in // b_in
@@ -47,12 +47,15 @@ def _standin(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return iters
 
 
-def _armor(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int, optimizer: str) -> None:
+def _armor(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int, optimizer: str) -> int:
     from offline_prune.armor import armor_prune
 
-    armor_prune(w, h, b_out, b_in, optimizer=optimizer, iters=iters, seed=0, device=str(w.device))
+    res = armor_prune(w, h, b_out, b_in, optimizer=optimizer, iters=iters, seed=0, device=str(w.device),
+                      patience=10**9)  # no early stop while timing
+    return res.iterations
 
 
 def _sync(device: str) -> None:
@@ -66,22 +69,22 @@ def time_shape(d_out: int, d_in: int, block: int, device: str, optimizer: str, n
     w = torch.randn(d_out, d_in, generator=gen).to(device) * 0.02
     h = torch.rand(d_in, generator=gen).to(device) + 0.1
     engine = "armor_prune" if importlib.util.find_spec("offline_prune.armor") else "stand-in"
-    seconds = []
+    seconds, done = [], []
     for n in (1, n1, n2):  # the first run only warms up (allocator, kernels)
         _sync(device)
         start = time.perf_counter()
         if engine == "armor_prune":
-            _armor(w, h, b_out, b_in, n, optimizer)
+            done.append(_armor(w, h, b_out, b_in, n, optimizer))
         else:
-            _standin(w, h, b_out, b_in, n)
+            done.append(_standin(w, h, b_out, b_in, n))
         _sync(device)
         seconds.append(time.perf_counter() - start)
-    seconds = seconds[1:]
-    per_iter = (seconds[1] - seconds[0]) / (n2 - n1)
+    seconds, done = seconds[1:], done[1:]
+    per_iter = (seconds[1] - seconds[0]) / (done[1] - done[0])
     return {
         "engine": engine, "optimizer": optimizer if engine == "armor_prune" else None,
         "shape": [d_out, d_in], "block": [b_out, b_in], "device": device, "threads": torch.get_num_threads(),
-        "iters": [n1, n2], "seconds": [round(s, 4) for s in seconds], "seconds_per_iter": per_iter,
+        "iters": done, "seconds": [round(s, 4) for s in seconds], "seconds_per_iter": per_iter,
         "c": per_iter / (d_out * d_in * (b_out + b_in)), "machine": platform.machine(),
     }
 
