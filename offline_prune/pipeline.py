@@ -6,7 +6,8 @@
    statistics (h, and X^T X for SparseGPT) and the layer's outputs = the next layer's inputs. ARMOR and
    NoWag-P use statistics of the dense model; SparseGPT and Wanda see the already-pruned earlier layers
    (their papers' setting), so for them the layer is pruned and run again to produce its outputs.
-   Every finished matrix is saved to OUT/.progress/ at once (resume).
+   The per-matrix jobs go to an executor (offline_prune.executor: in this process, or Ray tasks with
+   --ray, offline_prune.distributed); every finished matrix is saved to OUT/.progress/ as it arrives (resume).
 4. Assemble the checkpoint (docs/FORMAT.md) and armor_report.json.
 Peak memory is the model plus one layer's activations for all windows.
 """
@@ -17,6 +18,7 @@ import logging
 import platform
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from offline_prune import methods
 from offline_prune.calibration import load_calibration
 from offline_prune.checkpoint import checkpoint_state, dtype_of_config, write_checkpoint
+from offline_prune.executor import Executor, Finished, LayerJobs, LocalExecutor
 from offline_prune.models import UserError, decoder_layers, resolve_model, target_linears
 from offline_prune.progress import Progress
 from offline_prune.statistics import collect_stats
@@ -114,8 +117,20 @@ def _options(args: PruneArgs) -> methods.JobOptions:
 
 
 @torch.no_grad()
-def prune(args: PruneArgs, overwrite: bool = False) -> dict:
-    """Run the whole job; return the report (also written to OUT/armor_report.json)."""
+def prune(args: PruneArgs, overwrite: bool = False, executor: Executor | None = None) -> dict:
+    """Run the whole job; return the report (also written to OUT/armor_report.json).
+
+    ``executor`` runs the per-matrix jobs (default: in this process; offline_prune.distributed.RayExecutor
+    for a Ray cluster). It is closed when the run ends.
+    """
+    executor = executor or LocalExecutor()
+    try:
+        return _prune(args, overwrite, executor)
+    finally:
+        executor.close()
+
+
+def _prune(args: PruneArgs, overwrite: bool, executor: Executor) -> dict:
     if args.method not in methods.METHODS:
         raise UserError(f"--method {args.method!r}: choose one of {', '.join(methods.METHODS)}")
     skip = re.compile(args.skip) if args.skip else None
@@ -124,56 +139,98 @@ def prune(args: PruneArgs, overwrite: bool = False) -> dict:
     source, tokenizer, model, out_dtype = _load(args)
     layers = decoder_layers(model)
     linears_per_layer = [
-        target_linears(layer, skip, f"model.layers.{i}") for i, layer in enumerate(layers)
+        _packable(target_linears(layer, skip, f"model.layers.{i}")) for i, layer in enumerate(layers)
     ]
-    linears_per_layer = [_packable(found) for found in linears_per_layer]
     if not any(linears_per_layer):
         raise UserError(f"model {args.model!r} has no supported linear layers to prune (q/k/v/o/gate/up/down)")
-    needs_data = args.method in methods.NEEDS_CALIBRATION
-    if needs_data:  # read the data before touching OUT: a bad file leaves nothing behind
+    windows = None
+    if args.method in methods.NEEDS_CALIBRATION:  # read the data before touching OUT: a bad file leaves nothing
         windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples, args.calib_seqlen,
                                    args.seed)
-    progress = Progress(out, args.run_key(), overwrite)
-    if needs_data:
-        hidden, layer_kwargs = _layer0_inputs(model, layers, windows, args.device)
-    options = _options(args)
-    sequential = args.method in methods.SEQUENTIAL_METHODS
+    progress = Progress(out, _run_key(args, executor), overwrite)
+    _walk(args, model, windows, layers, linears_per_layer, progress, executor)
+
+    names = [name for linears in linears_per_layer for name in linears]
     results: dict[str, dict[str, torch.Tensor]] = {}
     reports: list[dict] = []
-    bar = tqdm(list(enumerate(layers)), desc=f"{args.method} layers", unit="layer")
-    for i, layer in bar:
-        linears = linears_per_layer[i]
-        local = {name.removeprefix(f"model.layers.{i}."): lin for name, lin in linears.items()}
-        todo = [name for name in linears if not progress.done(name)]
-        stats = {}
-        if needs_data and (todo or not sequential):
-            with collect_stats(local, want_gram=args.method == "sparsegpt") as local_stats:
-                outputs = _run_layer(layer, hidden, layer_kwargs)
-            stats = {f"model.layers.{i}.{k}": v for k, v in local_stats.items()}
-        for name in linears:
-            if name in todo:
-                job = methods.run_job(name, linears[name].weight, stats.get(name), options)
-                progress.save(name, job.tensors, job.report)
-            results[name], report = progress.load(name)
-            reports.append(report)
-        if linears:
-            mean = sum(r["loss_final_relative"] for r in reports[-len(linears):]) / len(linears)
-            bar.set_postfix(rel_loss=f"{mean:.4f}")
-        if needs_data and sequential:
-            for name, lin in linears.items():
-                lin.weight.copy_(fmt.reconstruct_weight(results[name]).to(lin.weight))
-            outputs = _run_layer(layer, hidden, layer_kwargs)
-        if needs_data:
-            hidden = outputs
-
+    for name in names:  # from OUT/.progress, in model order: the same bytes however the jobs ran
+        results[name], report = progress.load(name)
+        reports.append(report)
     state = checkpoint_state(model, results, out_dtype)  # pruned weights are replaced by their cores
     quant = fmt.make_quant_config(args.method, args.block_size if args.method == "armor" else None, list(results))
     write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
-    report = _report(args, source, reports, time.perf_counter() - started)
+    report = _report(args, source, reports, time.perf_counter() - started, executor.describe())
     (out / REPORT_FILE).write_text(_json(report))
     progress.finish()
     _log_summary(report, out)
     return report
+
+
+def _run_key(args: PruneArgs, executor: Executor) -> dict:
+    key = args.run_key()
+    job_device = executor.job_device(args.device)
+    if job_device != args.device:  # e.g. a CPU driver with GPU workers: results differ from a CPU run
+        key["job_device"] = job_device
+    return key
+
+
+def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, layers: nn.ModuleList,
+          linears_per_layer: list[dict[str, nn.Linear]], progress: Progress, executor: Executor) -> None:
+    """Calibrate layer by layer and hand the jobs to the executor; every result is saved as it arrives.
+
+    ARMOR/NoWag-P/magnitude use statistics of the dense model, so the walk goes on while jobs run. SparseGPT and
+    Wanda see the pruned earlier layers: the walk waits for a layer's jobs and applies them before going on.
+    """
+    needs_data = windows is not None
+    sequential = args.method in methods.SEQUENTIAL_METHODS
+    if needs_data:
+        hidden, layer_kwargs = _layer0_inputs(model, layers, windows, args.device)
+    options = _options(args)
+    saver = _Saver(progress, sum(len(linears) for linears in linears_per_layer))
+    bar = tqdm(list(enumerate(layers)), desc=f"{args.method} layers", unit="layer")
+    for i, layer in bar:
+        linears = linears_per_layer[i]
+        todo = [name for name in linears if not progress.done(name)]
+        stats = {}
+        if needs_data and (todo or not sequential):
+            local = {name.removeprefix(f"model.layers.{i}."): lin for name, lin in linears.items()}
+            with collect_stats(local, want_gram=args.method == "sparsegpt") as local_stats:
+                outputs = _run_layer(layer, hidden, layer_kwargs)
+            stats = {f"model.layers.{i}.{k}": v for k, v in local_stats.items()}
+        executor.submit(LayerJobs(i, {n: linears[n].weight for n in todo}, {n: stats.get(n) for n in todo}), options)
+        saver.save_all(executor.wait(todo) if sequential else executor.poll())
+        bar.set_postfix(saver.postfix())
+        if needs_data and sequential:
+            for name, lin in linears.items():
+                lin.weight.copy_(fmt.reconstruct_weight(progress.load(name)[0]).to(lin.weight))
+            outputs = _run_layer(layer, hidden, layer_kwargs)
+        if needs_data:
+            hidden = outputs
+    saver.save_all(executor.wait())
+    bar.set_postfix(saver.postfix())
+    bar.close()
+
+
+class _Saver:
+    """Writes finished jobs to OUT/.progress/ and keeps a running figure for the progress bar."""
+
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.saved = sum(1 for _ in progress.dir.glob("*.safetensors"))
+        self.losses: list[float] = []
+
+    def save_all(self, finished: Iterable[Finished]) -> None:
+        for done in finished:
+            self.progress.save(done.name, done.tensors, done.report)
+            self.saved += 1
+            self.losses.append(done.report["loss_final_relative"])
+
+    def postfix(self) -> dict:
+        fig = {"saved": f"{self.saved}/{self.total}"}
+        if self.losses:
+            fig["rel_loss"] = f"{sum(self.losses) / len(self.losses):.4f}"
+        return fig
 
 
 def _packable(found: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
@@ -186,7 +243,7 @@ def _packable(found: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
     return kept
 
 
-def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float) -> dict:
+def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, executor: dict) -> dict:
     import transformers
 
     import offline_prune
@@ -202,6 +259,7 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float) -
             "python": platform.python_version(),
         },
         "format_version": fmt.FORMAT_VERSION,
+        "executor": executor,
         "summary": {
             "linears": n,
             "mean_loss_init_relative": sum(r["loss_init_relative"] for r in reports) / n,

@@ -1,0 +1,94 @@
+"""Where the per-matrix jobs run: the layer walk submits them, an executor runs them and hands back results.
+
+`LocalExecutor` runs each job in this process when its results are asked for (the single-process pipeline);
+`offline_prune.distributed.RayExecutor` runs them as Ray tasks. The walk (offline_prune.pipeline) does:
+
+    executor.submit(layer_jobs, options)   # after calibrating a layer
+    for done in executor.poll(): save      # whatever has finished (Ray: without waiting, but bounded)
+    for done in executor.wait(names): save # sequential methods: this layer's jobs before the next layer
+    ...
+    for done in executor.wait(): save      # at the end: everything
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from offline_prune import methods
+from offline_prune.statistics import InputStats
+
+JobFn = Callable[[str, torch.Tensor, "InputStats | None", methods.JobOptions], methods.JobResult]
+
+
+@dataclass
+class LayerJobs:
+    """The jobs of one decoder layer: the weights still to prune and their input statistics."""
+
+    index: int
+    weights: dict[str, torch.Tensor]  # full module name -> weight
+    stats: dict[str, InputStats | None]  # full module name -> statistic (q/k/v and gate/up share one object)
+
+
+@dataclass
+class Finished:
+    name: str
+    tensors: dict[str, torch.Tensor]
+    report: dict
+
+
+class Executor(Protocol):
+    def submit(self, layer: LayerJobs, options: methods.JobOptions) -> None: ...
+
+    def poll(self) -> Iterator[Finished]:
+        """Finished jobs; blocks only as much as the executor needs to bound the work in flight."""
+        ...
+
+    def wait(self, names: Collection[str] | None = None) -> Iterator[Finished]:
+        """Finished jobs until every job in ``names`` (None: every submitted job) has been yielded."""
+        ...
+
+    def job_device(self, device: str) -> str:
+        """The device the jobs run on when the driver calibrates on ``device``."""
+        ...
+
+    def describe(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def _call_run_job(module: str, weight: torch.Tensor, stats: InputStats | None,
+                  options: methods.JobOptions) -> methods.JobResult:
+    return methods.run_job(module, weight, stats, options)  # looked up at call time (tests patch it)
+
+
+class LocalExecutor:
+    """Runs the jobs one after another in this process, each when the walk asks for results."""
+
+    def __init__(self, job: JobFn = _call_run_job) -> None:
+        self._job = job
+        self._queue: list[tuple[str, torch.Tensor, InputStats | None, methods.JobOptions]] = []
+
+    def submit(self, layer: LayerJobs, options: methods.JobOptions) -> None:
+        self._queue.extend((name, w, layer.stats[name], options) for name, w in layer.weights.items())
+
+    def poll(self) -> Iterator[Finished]:
+        return self.wait()
+
+    def wait(self, names: Collection[str] | None = None) -> Iterator[Finished]:
+        while self._queue:
+            name, weight, stats, options = self._queue.pop(0)
+            result = self._job(name, weight, stats, options)
+            yield Finished(name, result.tensors, result.report)
+
+    def job_device(self, device: str) -> str:
+        return device
+
+    def describe(self) -> dict:
+        return {"kind": "local"}
+
+    def close(self) -> None:
+        self._queue.clear()
