@@ -112,6 +112,9 @@ def dockerfile_problems(text: str) -> list[str]:
         for c in s.of("ADD"):
             if any(re.match(r"^(https?|git|ftp)://|^git@", v) for v in c.value[:-1]):
                 problems.append(f"line {c.start_line}: ADD of a URL ({c.original})")
+    syntax = re.match(r"#\s*syntax=(\S+)", text)
+    if syntax and not PINNED_TAG.search(syntax.group(1)):
+        problems.append(f"frontend {syntax.group(1)} is not pinned to a version")
     final = all_stages[-1]
     users = _effective_users(all_stages, final)
     if not users or users[-1].split(":")[0] in ("root", "0"):
@@ -175,6 +178,7 @@ def test_dockerfiles_satisfy_the_image_rules(dockerfile_text):
 
 
 BAD_DOCKERFILE = """\
+# syntax=docker/dockerfile:1
 FROM python:latest AS wheel
 RUN pip wheel .
 FROM ubuntu
@@ -193,6 +197,7 @@ def test_the_rules_reject_a_bad_dockerfile():
     assert any("non-root USER" in p for p in problems)
     assert any("HEALTHCHECK" in p for p in problems)
     assert any("ENTRYPOINT" in p for p in problems)
+    assert any("frontend docker/dockerfile:1 is not pinned" in p for p in problems)
     # A user set in an earlier stage counts for a stage built FROM it; root set later does not pass.
     ok = "FROM python:3.11.13-slim AS base\nUSER app\nFROM base\nHEALTHCHECK CMD [\"x\"]\n"
     ok += f'ENTRYPOINT ["{ENTRYPOINT_IN_IMAGE}"]\n'
@@ -310,6 +315,7 @@ def test_compose_services(compose):
         assert svc["healthcheck"]["test"] == ["CMD", HEALTHCHECK_IN_IMAGE]
         assert svc["restart"] == "unless-stopped"
         assert re.fullmatch(r"\d+gb", svc["shm_size"])
+        assert svc["ulimits"]["nofile"]["soft"] >= 65535
         assert "VLLM_API_KEY" in svc["environment"]
     gpu = services["armor"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
