@@ -12,6 +12,7 @@
 #   MAX_MODEL_LEN           -> --max-model-len
 #   GPU_MEMORY_UTILIZATION  -> --gpu-memory-utilization
 #   SERVED_MODEL_NAME       -> --served-model-name (default: the model path)
+#   VLLM_BIN                the vllm executable (default: `vllm` on PATH)
 # Arguments given to the container are passed through to `vllm serve` last, so they win over the above.
 set -euo pipefail
 
