@@ -12,7 +12,7 @@ DEMO_OUT ?= out/smollm2-armor
 DEMO_ITERS ?= 200
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo test lint serve clean
+.PHONY: setup demo demo-serve test lint serve clean
 
 setup: $(VENV)/.setup-done
 
@@ -34,6 +34,20 @@ demo: setup
 	$(VENV)/bin/armor-prune smollm2-135m $(DEMO_OUT) --method armor --iters $(DEMO_ITERS) \
 	  --calib c4:$(DATA)/c4/c4_validation_2k.jsonl --calib-samples 32 --calib-seqlen 512
 	$(VENV)/bin/armor-eval ppl $(DEMO_OUT) --data $(DATA)/wikitext2/wiki.test.raw --ctx-len 2048 --max-windows 4
+	$(MAKE) --no-print-directory demo-serve
+
+# --- vLLM serving (vllm_armor plugin) -----------------------------------------------------------------
+SERVE_PORT ?= 8000
+SERVE_ARGS ?= --max-model-len 2048
+
+# Start `vllm serve` on the demo checkpoint, ask one chat question with the openai client, print, stop.
+demo-serve: setup
+	$(PY) -m vllm_armor.demo $(DEMO_OUT) --question "What is the capital of France?"
+
+# Keep a server running on the demo checkpoint (Ctrl-C stops it).
+serve: setup
+	$(VENV)/bin/vllm serve $(DEMO_OUT) --quantization armor --port $(SERVE_PORT) $(SERVE_ARGS)
+# --- end vLLM serving ---------------------------------------------------------------------------------
 
 test: setup
 	$(PY) -m pytest -q -rs

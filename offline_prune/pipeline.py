@@ -129,12 +129,12 @@ def prune(args: PruneArgs, overwrite: bool = False) -> dict:
     linears_per_layer = [_packable(found) for found in linears_per_layer]
     if not any(linears_per_layer):
         raise UserError(f"model {args.model!r} has no supported linear layers to prune (q/k/v/o/gate/up/down)")
-    progress = Progress(out, args.run_key(), overwrite)
-
     needs_data = args.method in methods.NEEDS_CALIBRATION
-    if needs_data:
+    if needs_data:  # read the data before touching OUT: a bad file leaves nothing behind
         windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples, args.calib_seqlen,
                                    args.seed)
+    progress = Progress(out, args.run_key(), overwrite)
+    if needs_data:
         hidden, layer_kwargs = _layer0_inputs(model, layers, windows, args.device)
     options = _options(args)
     sequential = args.method in methods.SEQUENTIAL_METHODS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,36 @@ def armor_smollm2(tmp_path_factory, smollm2_dir, c4_path) -> Path:
     out = tmp_path_factory.mktemp("smollm2-armor") / "model"
     prune(PruneArgs(model=str(smollm2_dir), out=str(out), method="armor", calib=f"c4:{c4_path}", **E2E_PRUNE))
     return out
+
+
+# --- vllm_armor plugin tests: tiny ARMOR checkpoints written without the pruner (tests/armor_fixtures.py) ---
+sys.path.insert(0, str(Path(__file__).parent))
+import armor_fixtures as af  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def armor_fixture_cache(tmp_path_factory) -> Path:
+    """Where the tiny ARMOR checkpoints are built (ARMOR_TEST_CACHE to reuse them between runs)."""
+    env = os.environ.get("ARMOR_TEST_CACHE")
+    if env:
+        Path(env).mkdir(parents=True, exist_ok=True)
+        return Path(env)
+    return tmp_path_factory.mktemp("armor-fixtures")
+
+
+@pytest.fixture(scope="session")
+def armor_tiny_llama(armor_fixture_cache) -> tuple[Path, Path]:
+    """(ARMOR dir, dense-folded twin dir): tiny random Llama, 6 heads / 3 kv heads, blocks of 64."""
+    return af.build_tiny(af.TINY_LLAMA, armor_fixture_cache)
+
+
+@pytest.fixture(scope="session")
+def armor_tiny_llama_24(armor_fixture_cache) -> tuple[Path, Path]:
+    """Plain 2:4 (no A/B) tiny Llama and its dense twin."""
+    return af.build_tiny(af.TINY_LLAMA_24, armor_fixture_cache)
+
+
+@pytest.fixture(scope="session")
+def armor_tiny_qwen2(armor_fixture_cache) -> tuple[Path, Path]:
+    """Tiny random Qwen2 (qkv bias) in the ARMOR format and its dense twin."""
+    return af.build_tiny(af.TINY_QWEN2, armor_fixture_cache)

@@ -270,3 +270,38 @@ def reconstruct_weight(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype =
     cb = torch.einsum("onj,njk->onk", core.reshape(d_out, n_in, bs_in), b).reshape(d_out, d_in)
     # A @ (core B): each output block I of rows times A_I
     return torch.einsum("nij,njk->nik", a, cb.reshape(n_out, bs_out, d_in)).reshape(d_out, d_in)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor-parallel sharding rules (used by the vLLM plugin; pure functions, unit-tested without vLLM)
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_output_shard(module: str, rows_per_rank: int, block_out: int | None) -> None:
+    """Column parallelism splits the output dim: each rank's rows must be whole A blocks.
+
+    With k/v head replication a rank holds one head, so the A block size must divide head_dim.
+    """
+    if block_out is not None and rows_per_rank % block_out:
+        raise ArmorFormatError(
+            f"ARMOR tensor '{tensor_name(module, ARMOR_A)}': tensor parallelism gives each rank {rows_per_rank} "
+            f"output rows, which would split an A block of size {block_out}; use a tensor-parallel size for "
+            f"which {block_out} divides the per-rank rows (or re-prune with a smaller block size)"
+        )
+
+
+def check_input_shard(module: str, cols_per_rank: int, block_in: int | None) -> None:
+    """Row parallelism splits the input dim: each rank's columns must be whole B blocks and whole
+    metadata bytes (two groups of 4 inputs)."""
+    if cols_per_rank % (2 * GROUP):
+        raise ArmorFormatError(
+            f"ARMOR tensor '{tensor_name(module, CORE_META)}': tensor parallelism gives each rank {cols_per_rank} "
+            f"input columns, which would split a group of 4 / a metadata byte (needs a multiple of 8)"
+        )
+    if block_in is not None and cols_per_rank % block_in:
+        raise ArmorFormatError(
+            f"ARMOR tensor '{tensor_name(module, ARMOR_B)}': tensor parallelism gives each rank {cols_per_rank} "
+            f"input columns, which would split a B block of size {block_in}; use a tensor-parallel size for "
+            f"which {block_in} divides the per-rank columns (or re-prune with a smaller block size)"
+        )

@@ -1,0 +1,77 @@
+"""Start-up time and output tokens/s of a served ARMOR checkpoint next to its dense-folded twin, same run.
+
+    .venv/bin/python bench/serve_speed.py ARMOR_DIR [--eager] [--tokens 128]
+
+For each model (ARMOR with `--quantization armor`, then the dense twin folded by `vllm_armor.fold`): start
+`vllm serve` (time until /health answers), one warm-up request, then greedy decoding of `--tokens` tokens
+(ignore_eos) for 1 request and for 8 concurrent requests; output tokens / wall seconds. Prints one Markdown
+table row per model and configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from vllm_armor.fold import fold_checkpoint
+from vllm_armor.serve_process import VllmServer
+
+log = logging.getLogger("bench.serve_speed")
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def _one(srv: VllmServer, tokens: int) -> int:
+    r = srv.client().completions.create(
+        model=str(srv.model), prompt=PROMPT, max_tokens=tokens, temperature=0.0, extra_body={"ignore_eos": True}
+    )
+    return r.usage.completion_tokens
+
+
+def throughput(srv: VllmServer, tokens: int, concurrency: int) -> float:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        done = sum(pool.map(lambda _: _one(srv, tokens), range(concurrency)))
+    return done / (time.perf_counter() - t0)
+
+
+def measure(model: Path, args: list[str], tokens: int) -> dict[str, float]:
+    with VllmServer(model, args, timeout_s=900) as srv:
+        _one(srv, 8)  # warm-up
+        return {
+            "startup_s": srv.startup_s,
+            "tok_s_1": throughput(srv, tokens, 1),
+            "tok_s_8": throughput(srv, tokens, 8),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("armor_dir", type=Path)
+    parser.add_argument("--dense-dir", type=Path, help="dense twin (default: ARMOR_DIR-folded, built if missing)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: vLLM's compilation)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dense_dir = args.dense_dir or fold_checkpoint(args.armor_dir, Path(f"{args.armor_dir}-folded"))
+    common = ["--max-model-len", "1024", "--max-num-seqs", "8"] + (["--enforce-eager"] if args.eager else [])
+    mode = "eager" if args.eager else "compiled"
+    rows = [
+        ("ARMOR (plugin, default kernel)", measure(args.armor_dir, ["--quantization", "armor", *common], args.tokens)),
+        ("dense folded twin", measure(dense_dir, common, args.tokens)),
+    ]
+    out = [
+        f"machine: {platform.machine()} {platform.processor() or ''}, mode {mode}, {args.tokens} output tokens",
+        "| model | start-up s | tok/s, 1 request | tok/s, 8 concurrent |",
+        "| --- | --- | --- | --- |",
+    ]
+    out += [f"| {name} | {r['startup_s']:.1f} | {r['tok_s_1']:.1f} | {r['tok_s_8']:.1f} |" for name, r in rows]
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

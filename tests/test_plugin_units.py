@@ -1,0 +1,154 @@
+"""Fast unit tests: quantization_config validation, sharding rules, kernel selection, custom ops,
+registration. No server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import armor_fixtures as af
+import pytest
+import torch
+
+from vllm_armor import checkpoint_format as cf
+from vllm_armor.checkpoint_format import ArmorFormatError
+from vllm_armor.kernels import ops
+from vllm_armor.kernels.blockdiag import armor_linear_dense_core
+from vllm_armor.kernels.select import KernelChoice, choose_kernel
+
+GOOD = cf.make_quant_config("armor", 64, ["model.layers.0.self_attn.q_proj"])
+
+
+@pytest.fixture(scope="module")
+def armor_config_cls():
+    import vllm_armor
+
+    vllm_armor.register()
+    from vllm_armor.plugin import ArmorConfig
+
+    return ArmorConfig
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"sparsity": "4:8"}, "sparsity '4:8' is not supported"),
+        ({"extra_key": 1}, "unknown keys ['extra_key']"),
+        ({"pruned_modules": "model.layers.0"}, "pruned_modules must be a list"),
+    ],
+)
+def test_from_config_rejects(armor_config_cls, change, message):
+    with pytest.raises(ArmorFormatError) as err:
+        armor_config_cls.from_config({**GOOD, **change})
+    assert message in str(err.value)
+
+
+def test_from_config_missing_key(armor_config_cls):
+    cfg = dict(GOOD)
+    del cfg["sparsity"]
+    with pytest.raises(ArmorFormatError, match=r"missing keys \['sparsity'\]"):
+        armor_config_cls.from_config(cfg)
+
+
+def test_from_config_accepts_and_registers(armor_config_cls):
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    cfg = armor_config_cls.from_config(GOOD)
+    assert cfg.pruned_modules == {"model.layers.0.self_attn.q_proj"}
+    assert "armor" in QUANTIZATION_METHODS and get_quantization_config("armor") is armor_config_cls
+    import vllm_armor
+
+    vllm_armor.register()  # idempotent
+    assert QUANTIZATION_METHODS.count("armor") == 1
+
+
+def test_package_import_does_not_import_vllm():
+    code = "import sys, vllm_armor, vllm_armor.kernels, vllm_armor.checkpoint_format; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_kernel_env_is_part_of_compile_cache_key(armor_config_cls, monkeypatch):
+    import vllm.envs as envs
+
+    monkeypatch.setenv("VLLM_ARMOR_KERNEL", "dense")
+    dense = envs.compile_factors()
+    monkeypatch.setenv("VLLM_ARMOR_KERNEL", "factored")
+    factored = envs.compile_factors()
+    assert dense["VLLM_ARMOR_KERNEL"] == "dense" and factored["VLLM_ARMOR_KERNEL"] == "factored"
+
+
+# -- sharding rules -------------------------------------------------------------------------------
+
+
+def test_output_shard_must_hold_whole_a_blocks():
+    cf.check_output_shard("m.q_proj", 128, 64)
+    cf.check_output_shard("m.q_proj", 128, None)
+    with pytest.raises(ArmorFormatError, match=r"'m.q_proj.armor_a'.*192 output rows.*A block of size 128"):
+        cf.check_output_shard("m.q_proj", 192, 128)
+
+
+def test_kv_replication_needs_block_dividing_head_dim():
+    # SmolLM2 (head_dim 64, 3 kv heads) at TP=9: each rank holds one kv head of 64 rows.
+    with pytest.raises(ArmorFormatError, match="64 output rows, which would split an A block of size 96"):
+        cf.check_output_shard("m.k_proj", 64, 96)
+
+
+def test_input_shard_must_hold_whole_b_blocks_and_meta_bytes():
+    cf.check_input_shard("m.o_proj", 256, 128)
+    with pytest.raises(ArmorFormatError, match=r"'m.o_proj.armor_b'.*192 input columns.*B block of size 128"):
+        cf.check_input_shard("m.o_proj", 192, 128)
+    with pytest.raises(ArmorFormatError, match=r"'m.o_proj.core_meta'.*12 input columns.*group of 4"):
+        cf.check_input_shard("m.o_proj", 12, None)
+
+
+def test_smollm2_tp3_is_allowed():
+    # SmolLM2-135M at TP=3, requested block 128: q 576/3=192 rows vs A block 96 -> ok; k/v 192/3=64 rows
+    # vs block 96 -> refused (the pruner's 96 does not divide 64): the rule a user sees.
+    cf.check_output_shard("q", 576 // 3, cf.largest_block_size(576, 128))
+    cf.check_input_shard("down", 1536 // 3, cf.largest_block_size(1536, 128))
+    with pytest.raises(ArmorFormatError):
+        cf.check_output_shard("k", 192 // 3, cf.largest_block_size(192, 128))
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+
+def test_cpu_auto_picks_dense_fold():
+    kernel, reason = choose_kernel(torch.device("cpu"), KernelChoice.AUTO)
+    assert kernel is KernelChoice.DENSE and "folded" in reason
+    with pytest.raises(ValueError, match="sparse24 is not available"):
+        choose_kernel(torch.device("cpu"), KernelChoice.SPARSE24)
+
+
+@pytest.mark.parametrize("with_ab", [True, False])
+def test_factored_op_matches_reference_and_fold(with_ab):
+    gen = torch.Generator().manual_seed(0)
+    shards = [af.armorize_linear(torch.randn(d, 64, generator=gen), 16 if with_ab else None, gen) for d in (32, 16)]
+    x = torch.randn(5, 64, generator=gen)
+    bias = torch.randn(48, generator=gen)
+    cores = [cf.unpack_2to4(t[cf.CORE_VALUES], t[cf.CORE_META]) for t in shards]
+    a = [t[cf.ARMOR_A] for t in shards] if with_ab else []
+    b = [t[cf.ARMOR_B] for t in shards] if with_ab else []
+    y = torch.ops.vllm_armor.factored_linear(x, cores, a, b, bias)
+    parts = [
+        armor_linear_dense_core(x, t.get(cf.ARMOR_A), c, t.get(cf.ARMOR_B), None)
+        for t, c in zip(shards, cores, strict=True)
+    ]
+    ref = torch.cat(parts, dim=-1) + bias
+    folded = x @ torch.cat([cf.reconstruct_weight(t) for t in shards]).T + bias
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y, folded, rtol=1e-4, atol=1e-4)
+
+
+def test_factored_op_traces_under_torch_compile():
+    gen = torch.Generator().manual_seed(1)
+    t = af.armorize_linear(torch.randn(32, 64, generator=gen), 16, gen)
+    core = cf.unpack_2to4(t[cf.CORE_VALUES], t[cf.CORE_META])
+
+    def f(x):
+        return ops.factored_linear(x, [core], [t[cf.ARMOR_A]], [t[cf.ARMOR_B]], None) * 2
+
+    x = torch.randn(3, 64, generator=gen)
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), f(x))

@@ -1,0 +1,72 @@
+"""End to end on the bundled SmolLM2-135M pruned with a short ARMOR schedule (conftest's `armor_smollm2`):
+a real `vllm serve` (CPU, eager), chat + streaming through the openai client, greedy parity with the
+dense-folded twin, agreement with the offline fp32 `ArmorLinear` model (with a negative control), TP=3.
+Servers run one after another inside one module fixture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import armor_fixtures as af
+import pytest
+from parity import Greedy, greedy_all, offline_report
+
+from vllm_armor.serve_process import VllmServer
+
+pytestmark = pytest.mark.e2e
+EAGER = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8"]
+TP3_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+
+
+@dataclass
+class SmolRuns:
+    chat: str = ""
+    stream: list[str] = field(default_factory=list)
+    greedy: dict[str, list[Greedy]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def smol(armor_smollm2, tmp_path_factory) -> SmolRuns:
+    dense_dir = af.fold_checkpoint(armor_smollm2, tmp_path_factory.mktemp("smollm2-folded") / "model")
+    out = SmolRuns()
+    with VllmServer(armor_smollm2, ["--quantization", "armor", *EAGER]) as srv:
+        client = srv.client()
+        r = client.chat.completions.create(
+            model=str(armor_smollm2), messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0.0,
+        )
+        out.chat = r.choices[0].message.content or ""
+        stream = client.chat.completions.create(
+            model=str(armor_smollm2), messages=[{"role": "user", "content": "Say hello."}], max_tokens=16,
+            temperature=0.0, stream=True,
+        )
+        out.stream = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        out.greedy["armor"] = greedy_all(srv)
+    with VllmServer(dense_dir, EAGER) as srv:
+        out.greedy["dense"] = greedy_all(srv)
+    with VllmServer(armor_smollm2, [*EAGER, "--tensor-parallel-size", "3"], TP3_ENV) as srv:
+        out.greedy["tp3"] = greedy_all(srv)
+    return out
+
+
+def test_chat_and_streaming(smol):
+    assert smol.chat.strip()
+    assert len([c for c in smol.stream if c]) >= 2, smol.stream
+
+
+def test_greedy_parity_with_dense_folded_twin(smol):
+    assert [g.tokens for g in smol.greedy["armor"]] == [g.tokens for g in smol.greedy["dense"]]
+
+
+def test_tp3_equals_tp1(smol):
+    assert [g.tokens for g in smol.greedy["tp3"]] == [g.tokens for g in smol.greedy["armor"]]
+
+
+def test_served_tokens_are_offline_armorlinear_top_choice(smol, armor_smollm2, tmp_path):
+    from offline_prune.checkpoint import load_model
+
+    report = offline_report(load_model(armor_smollm2), smol.greedy["armor"])
+    assert report.ok, report
+    wrong = load_model(af.write_swapped_kv_b(armor_smollm2, tmp_path / "swapped"))
+    report = offline_report(wrong, smol.greedy["armor"])
+    assert not report.ok, f"the offline check did not notice swapped k/v B blocks: {report}"
