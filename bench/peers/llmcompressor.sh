@@ -22,17 +22,20 @@ PEERS_VENV="${PEERS_VENV:-$REPO/bench/results/peers-venv}"
 PY="$PEERS_VENV/bin/python"
 STAMP="$PEERS_VENV/.llmcompressor-$LLMCOMPRESSOR_VERSION-torch-$TORCH_VERSION"
 
+# This machine's pip config lists local index folders that may not exist; drop pip's warnings about them.
+quiet_pip() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 if [[ ! -f "$STAMP" ]]; then
   echo "[peers] creating $PEERS_VENV (llmcompressor==$LLMCOMPRESSOR_VERSION, torch==$TORCH_VERSION+cpu)" >&2
   test -x "$PY" || python3 -m venv "$PEERS_VENV"
-  "$PY" -m pip install -q --upgrade pip
+  quiet_pip install -q --upgrade pip
   # CPU torch together with llmcompressor, so that the resolver keeps the CPU build: a local wheel or the
   # default index first, else PyTorch's CPU index.
-  "$PY" -m pip install -q "torch==$TORCH_VERSION+cpu" "llmcompressor==$LLMCOMPRESSOR_VERSION" || \
-    "$PY" -m pip install -q --extra-index-url "$TORCH_CPU_INDEX" \
+  quiet_pip install -q "torch==$TORCH_VERSION+cpu" "llmcompressor==$LLMCOMPRESSOR_VERSION" || \
+    quiet_pip install -q --extra-index-url "$TORCH_CPU_INDEX" \
       "torch==$TORCH_VERSION+cpu" "llmcompressor==$LLMCOMPRESSOR_VERSION"
   # PyPI's torchvision/torchaudio builds do not match CPU torch; llmcompressor's text path needs neither.
-  "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  quiet_pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   touch "$STAMP"
 fi
 
