@@ -4,14 +4,18 @@
 
 For each model (ARMOR with `--quantization armor`, then the dense twin folded by `vllm_armor.fold`): start
 `vllm serve` (time until /health answers), one warm-up request, then greedy decoding of `--tokens` tokens
-(ignore_eos) for 1 request and for 8 concurrent requests; output tokens / wall seconds. Prints one Markdown
-table row per model and configuration.
+(ignore_eos) for 1 request and for 8 concurrent requests; output tokens / wall seconds. With `--factored`
+also the ARMOR checkpoint with `VLLM_ARMOR_KERNEL=factored`. Writes bench/results/serve_speed.json and appends
+the table (date, machine, command, ratios to the dense twin) to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 from vllm_armor.fold import fold_checkpoint
 from vllm_armor.serve_process import VllmServer
 
+REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.serve_speed")
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -39,8 +44,8 @@ def throughput(srv: VllmServer, tokens: int, concurrency: int) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def measure(model: Path, args: list[str], tokens: int) -> dict[str, float]:
-    with VllmServer(model, args, timeout_s=900) as srv:
+def measure(model: Path, args: list[str], tokens: int, env: dict[str, str] | None = None) -> dict[str, float]:
+    with VllmServer(model, args, env or {}, timeout_s=900) as srv:
         _one(srv, 8)  # warm-up
         return {
             "startup_s": srv.startup_s,
@@ -54,24 +59,38 @@ def main() -> None:
     parser.add_argument("armor_dir", type=Path)
     parser.add_argument("--dense-dir", type=Path, help="dense twin (default: ARMOR_DIR-folded, built if missing)")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--factored", action="store_true", help="also VLLM_ARMOR_KERNEL=factored")
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: vLLM's compilation)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dense_dir = args.dense_dir or fold_checkpoint(args.armor_dir, Path(f"{args.armor_dir}-folded"))
     common = ["--max-model-len", "1024", "--max-num-seqs", "8"] + (["--enforce-eager"] if args.eager else [])
     mode = "eager" if args.eager else "compiled"
+    armor = ["--quantization", "armor", *common]
     rows = [
-        ("ARMOR (plugin, default kernel)", measure(args.armor_dir, ["--quantization", "armor", *common], args.tokens)),
+        ("ARMOR (plugin, default kernel)", measure(args.armor_dir, armor, args.tokens)),
         ("dense folded twin", measure(dense_dir, common, args.tokens)),
     ]
+    if args.factored:
+        rows.append(("ARMOR, VLLM_ARMOR_KERNEL=factored",
+                     measure(args.armor_dir, armor, args.tokens, {"VLLM_ARMOR_KERNEL": "factored"})))
+    dense = rows[1][1]
+    machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    command = "python bench/serve_speed.py " + " ".join(sys.argv[1:])
     out = [
-        f"machine: {platform.machine()} {platform.processor() or ''}, mode {mode}, {args.tokens} output tokens",
-        "| model | start-up s | tok/s, 1 request | tok/s, 8 concurrent |",
-        "| --- | --- | --- | --- |",
+        f"\n## Serving speed, ARMOR vs dense twin ({dt.date.today().isoformat()})\n",
+        f"Machine: {machine}. Command: `{command}`. vLLM CPU backend, {mode}, {args.tokens} output tokens "
+        "per request (greedy, ignore_eos), one run, servers one after another.\n",
+        "| model | start-up s | tok/s, 1 request | tok/s, 8 concurrent | x dense (1 / 8) |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    out += [f"| {name} | {r['startup_s']:.1f} | {r['tok_s_1']:.1f} | {r['tok_s_8']:.1f} |" for name, r in rows]
-    sys.stdout.write("\n".join(out) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    out += [f"| {name} | {r['startup_s']:.1f} | {r['tok_s_1']:.1f} | {r['tok_s_8']:.1f} | "
+            f"{r['tok_s_1'] / dense['tok_s_1']:.2f} / {r['tok_s_8'] / dense['tok_s_8']:.2f} |" for name, r in rows]
+    table = "\n".join(out) + "\n"
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "machine": machine, "mode": mode, "tokens": args.tokens, "rows": dict(rows)}
+    (results / "serve_speed.json").write_text(json.dumps(payload, indent=1))
+    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
+        f.write(table)
+    sys.stdout.write(table)

@@ -124,6 +124,21 @@ class VllmServer:
         choice = r.choices[0]
         return list(choice.prompt_token_ids), list(choice.token_ids)
 
+    def prompt_nll(self, token_ids: list[int]) -> float:
+        """Summed next-token NLL of ``token_ids[1:]`` given their prefixes, from the server's prompt logprobs
+        (the quantity `armor-eval ppl` sums per window)."""
+        r = requests.post(
+            f"{self.base_url}/v1/completions",
+            json={"model": str(self.model), "prompt": token_ids, "max_tokens": 1, "temperature": 0.0,
+                  "prompt_logprobs": 0},
+            timeout=600,
+        )
+        r.raise_for_status()
+        rows = r.json()["choices"][0]["prompt_logprobs"]
+        if len(rows) != len(token_ids) or rows[0] is not None:
+            raise RuntimeError(f"prompt_logprobs: expected {len(token_ids)} rows, the first None; got {len(rows)}")
+        return -sum(row[str(tok)]["logprob"] for tok, row in zip(token_ids[1:], rows[1:], strict=True))
+
 
 def run_failing(model: Path, args: list[str], env: dict[str, str] | None = None, timeout_s: float = 240) -> str:
     """Run `vllm serve` on a checkpoint that must fail at start-up; return its output (asserts it exited)."""
