@@ -5,8 +5,9 @@
 
 Prunes with magnitude, Wanda, SparseGPT, NoWag-P, ARMOR fast and ARMOR paper (iterations chosen so that
 paper mode gets `--paper-time-factor` x fast mode's optimisation time), all from the same calibration
-windows; evaluates dense and every pruned model with `armor-eval ppl`; adds llm-compressor's results when
-bench/peers/llmcompressor.sh has written them. Writes JSON and appends tables to docs/BENCHMARKS.md:
+windows; evaluates dense and every pruned model with `armor-eval ppl` (kept under WORK/ppl/, so reruns
+resume); adds llm-compressor's results when bench/peers/llmcompressor.sh has written them. Writes JSON and
+appends tables to docs/BENCHMARKS.md:
 perplexity, pruning wall time, gap closed = 1 - (ppl_armor - ppl_dense) / (ppl_best_other - ppl_dense),
 and the relative proxy loss of a few decoder layers' matrices per method.
 """
@@ -52,11 +53,21 @@ def prune(args, name: str, method: str, extra: list[str]) -> dict:
     return {"dir": str(out), "command": " ".join(cmd), "report": report}
 
 
-def ppl(args, model_dir: str) -> dict:
+def ppl(args, name: str, model_dir: str) -> dict:
+    """`armor-eval ppl` of one model; the result is kept under WORK/ppl/ so that a rerun evaluates only what
+    is missing (delete the file, or the checkpoint, to measure again)."""
+    windows = args.max_windows or "all"
+    cache = args.work / "ppl" / f"{name}-{args.data.stem}-ctx{args.ctx_len}-w{windows}.json"
+    if cache.exists():
+        log.info("%s: reusing perplexity from %s", name, cache)
+        return json.loads(cache.read_text())
     cmd = [str(BIN / "armor-eval"), "ppl", model_dir, "--data", str(args.data), "--ctx-len", str(args.ctx_len)]
     if args.max_windows:
         cmd += ["--max-windows", str(args.max_windows)]
-    return json.loads(run(cmd).strip().splitlines()[-1])
+    result = json.loads(run(cmd).strip().splitlines()[-1])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
 
 
 def paper_iters(args, fast: dict) -> int:
@@ -99,11 +110,17 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
     ]
     for name, res in results.items():
         s = res.get("report", {}).get("summary", {})
-        wall = f"{s['wall_seconds']:.0f}" if s else "-"
+        wall = f"{s['wall_seconds']:.0f}" if s else (f"{res['seconds']:.0f}" if "seconds" in res else "-")
         loss = f"{s['mean_loss_final_relative']:.4f}" if s else "-"
         lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {wall} | {loss} |")
     for name, g in gap.items():
         lines.append(f"\nGap closed by {name} vs best other ({g['best_other']}): **{g['gap_closed']:.1%}**")
+    lines.append("\nMean relative proxy loss of those layers, attention (q, k, v, o) vs MLP (gate, up, down):\n")
+    lines.append("| part | " + " | ".join(losses) + " |")
+    lines.append("| --- |" + " --- |" * len(losses))
+    for part, key in (("attention", "self_attn"), ("MLP", "mlp")):
+        means = [sum(v for m, v in losses[k].items() if key in m) / sum(key in m for m in losses[k]) for k in losses]
+        lines.append(f"| {part} | " + " | ".join(f"{x:.4f}" for x in means) + " |")
     lines.append("\nRelative proxy loss per matrix (selected layers):\n")
     mats = sorted({m for v in losses.values() for m in v})
     lines.append("| matrix | " + " | ".join(losses) + " |")
@@ -144,9 +161,9 @@ def main() -> int:
     peers = args.work / "llmcompressor.json"
     if peers.exists():
         for name, res in json.loads(peers.read_text()).items():
-            results[name] = {"dir": res["dir"], "peer": True}
-    for res in results.values():
-        res["ppl"] = ppl(args, res["dir"])
+            results[name] = {"dir": res["dir"], "peer": True, "seconds": res["seconds"]}
+    for name, res in results.items():
+        res["ppl"] = ppl(args, name, res["dir"])
     dense = results["dense"]["ppl"]["ppl"]
     others = {k: v["ppl"]["ppl"] for k, v in results.items() if k != "dense" and not k.startswith("armor")}
     best = min(others, key=others.get)

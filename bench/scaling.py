@@ -8,23 +8,30 @@ A (W' * M) B, the proxy loss, its backward and an Adam step on A, B, W'), and sa
     .venv/bin/python bench/scaling.py --device cpu --threads 1 --shapes 576x576 1536x576 2048x2048 4096x4096
 
 Prints one JSON line per shape with seconds per iteration and c = seconds / (d_out * d_in * (b_out + b_in)),
-the constant of the scaling rule t_iter ~ c * d_out * d_in * (b_out + b_in).
+the constant of the scaling rule t_iter ~ c * d_out * d_in * (b_out + b_in); writes them all to
+bench/results/scaling.json and appends a table (date, machine, command, median c) to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib.util
 import json
 import logging
+import os
 import platform
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from vllm_armor import checkpoint_format as fmt
 
 log = logging.getLogger("bench.scaling")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _standin(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int) -> int:
@@ -101,10 +108,32 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    rows = []
     for shape in a.shapes:
         d_out, d_in = (int(x) for x in shape.split("x"))
-        line = time_shape(d_out, d_in, a.block, a.device, a.optimizer, *a.iters)
-        log.info("%s", json.dumps(line))
+        rows.append(time_shape(d_out, d_in, a.block, a.device, a.optimizer, *a.iters))
+        log.info("%s", json.dumps(rows[-1]))
+    write_results(rows, a)
+
+
+def write_results(rows: list[dict], a: argparse.Namespace) -> None:
+    command = "python bench/scaling.py " + " ".join(sys.argv[1:])
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+               f"load average {os.getloadavg()[0]:.1f}")
+    if a.device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "scaling.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
+    engine = rows[0]["engine"] + (f" optimizer={a.optimizer}" if rows[0]["engine"] == "armor_prune" else "")
+    lines = [f"\n## Per-iteration time of one ARMOR job ({dt.date.today().isoformat()})\n",
+             f"Machine: {machine}. Command: `{command}`. Engine: {engine}, early stop off.\n",
+             "| shape | blocks | s / iteration | c (s) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['shape'][0]}x{r['shape'][1]} | {r['block'][0]}, {r['block'][1]} | {r['seconds_per_iter']:.4g} | "
+              f"{r['c']:.2e} |" for r in rows]
+    lines.append(f"\nMedian c = {statistics.median(r['c'] for r in rows):.2e} s.\n")
+    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
+        f.write("\n".join(lines))
 
 
 if __name__ == "__main__":

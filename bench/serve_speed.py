@@ -1,12 +1,13 @@
-"""Start-up time and output tokens/s of a served ARMOR checkpoint next to its dense-folded twin, same run.
+"""Start-up time and output tokens/s of a served ARMOR checkpoint next to a dense model, same run.
 
-    .venv/bin/python bench/serve_speed.py ARMOR_DIR [--eager] [--tokens 128]
+    .venv/bin/python bench/serve_speed.py ARMOR_DIR [--dense-dir DIR] [--eager] [--tokens 128] [--factored]
 
-For each model (ARMOR with `--quantization armor`, then the dense twin folded by `vllm_armor.fold`): start
-`vllm serve` (time until /health answers), one warm-up request, then greedy decoding of `--tokens` tokens
-(ignore_eos) for 1 request and for 8 concurrent requests; output tokens / wall seconds. With `--factored`
-also the ARMOR checkpoint with `VLLM_ARMOR_KERNEL=factored`. Writes bench/results/serve_speed.json and appends
-the table (date, machine, command, ratios to the dense twin) to docs/BENCHMARKS.md.
+For each model (ARMOR with `--quantization armor`, then the dense model: `--dense-dir`, e.g. the original,
+or by default the dense twin folded by `vllm_armor.fold`): start `vllm serve` (time until /health answers),
+one warm-up request, then greedy decoding of `--tokens` tokens (ignore_eos) for 1 request and for 8
+concurrent requests; output tokens / wall seconds. With `--factored` also the ARMOR checkpoint with
+`VLLM_ARMOR_KERNEL=factored`. Writes bench/results/serve_speed.json and appends the table (date, machine,
+command, ratios to the dense model) to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
     armor = ["--quantization", "armor", *common]
     rows = [
         ("ARMOR (plugin, default kernel)", measure(args.armor_dir, armor, args.tokens)),
-        ("dense folded twin", measure(dense_dir, common, args.tokens)),
+        (f"dense ({dense_dir.name})", measure(dense_dir, common, args.tokens)),
     ]
     if args.factored:
         rows.append(("ARMOR, VLLM_ARMOR_KERNEL=factored",
@@ -78,7 +79,7 @@ def main() -> None:
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     command = "python bench/serve_speed.py " + " ".join(sys.argv[1:])
     out = [
-        f"\n## Serving speed, ARMOR vs dense twin ({dt.date.today().isoformat()})\n",
+        f"\n## Serving speed, ARMOR vs dense ({dt.date.today().isoformat()})\n",
         f"Machine: {machine}. Command: `{command}`. vLLM CPU backend, {mode}, {args.tokens} output tokens "
         "per request (greedy, ignore_eos), one run, servers one after another.\n",
         "| model | start-up s | tok/s, 1 request | tok/s, 8 concurrent | x dense (1 / 8) |",
@@ -94,3 +95,7 @@ def main() -> None:
     with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
         f.write(table)
     sys.stdout.write(table)
+
+
+if __name__ == "__main__":
+    main()
