@@ -19,25 +19,14 @@ import datetime as dt
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-BIN = Path(sys.executable).parent
+from common import BIN, C4, RESULTS, WIKITEXT, armor_eval_ppl, command_line, record, run
+
 log = logging.getLogger("bench.quality")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag-p")
-
-
-def run(cmd: list[str]) -> str:
-    log.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-5000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return proc.stdout
 
 
 def prune(args, name: str, method: str, extra: list[str]) -> dict:
@@ -61,10 +50,7 @@ def ppl(args, name: str, model_dir: str) -> dict:
     if cache.exists():
         log.info("%s: reusing perplexity from %s", name, cache)
         return json.loads(cache.read_text())
-    cmd = [str(BIN / "armor-eval"), "ppl", model_dir, "--data", str(args.data), "--ctx-len", str(args.ctx_len)]
-    if args.max_windows:
-        cmd += ["--max-windows", str(args.max_windows)]
-    result = json.loads(run(cmd).strip().splitlines()[-1])
+    result = armor_eval_ppl(model_dir, args.data, args.ctx_len, args.max_windows)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
     return result
@@ -133,8 +119,8 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib", type=Path, default=DATA / "c4" / "c4_validation_2k.jsonl")
-    p.add_argument("--data", type=Path, default=DATA / "wikitext2" / "wiki.test.raw")
+    p.add_argument("--calib", type=Path, default=C4)
+    p.add_argument("--data", type=Path, default=WIKITEXT)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--ctx-len", type=int, default=2048)
@@ -144,7 +130,7 @@ def main() -> int:
     p.add_argument("--paper-time-factor", type=float, default=3.0)
     p.add_argument("--probe-layer", type=int, default=10)
     p.add_argument("--layers", default="5,15,25", help="decoder layers for the proxy-loss table")
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "quality")
+    p.add_argument("--work", type=Path, default=RESULTS / "quality")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -172,12 +158,10 @@ def main() -> int:
         for k, v in results.items() if k.startswith("armor")
     }
     losses = layer_losses(results, [int(x) for x in args.layers.split(",")])
-    command = "python bench/quality.py " + " ".join(sys.argv[1:])
+    command = command_line("quality.py")
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "gap": gap,
                "layer_losses": losses, "seconds": time.time() - started}
-    (args.work / "quality.json").write_text(json.dumps(payload, indent=1, default=str))
-    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
-        f.write(markdown(args, results, gap, losses, command))
+    record("quality", payload, markdown(args, results, gap, losses, command))
     closed = {k: round(v["gap_closed"], 3) for k, v in gap.items()}
     log.info("done in %.0f s; gap closed: %s", time.time() - started, closed)
     return 0

@@ -19,30 +19,28 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-BIN = Path(sys.executable).parent
+from common import BIN, C4, RESULTS, command_line, record, run
+
 log = logging.getLogger("bench.ray_vs_single")
 
 
 def run_once(base: list[str], out: Path, ray: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*base[:2], str(out), *base[2:]] + (["--ray"] if ray else [])
-    log.info("$ %s", " ".join(cmd))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if ray else dict(os.environ)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if ray else None  # Ray workers: 1 thread each
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    run(cmd, env)
     wall = time.perf_counter() - start
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-5000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
     summary = json.loads((out / "armor_report.json").read_text())["summary"]
     return {"wall_s": wall, "job_seconds": summary["job_seconds"], "report_wall_s": summary["wall_seconds"]}
+
+
+def listed(runs: list[dict], key: str) -> str:
+    return ", ".join(f"{r[key]:.1f}" for r in runs)
 
 
 def main() -> int:
@@ -54,11 +52,11 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "ray_vs_single")
+    p.add_argument("--work", type=Path, default=RESULTS / "ray_vs_single")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = [str(BIN / "armor-prune"), a.model, "--method", a.method, "--iters", str(a.iters),
-            "--block-size", str(a.block_size), "--calib", f"c4:{DATA / 'c4' / 'c4_validation_2k.jsonl'}",
+            "--block-size", str(a.block_size), "--calib", f"c4:{C4}",
             "--calib-samples", str(a.calib_samples), "--calib-seqlen", str(a.calib_seqlen), "--seed", "0"]
     runs: dict[str, list[dict]] = {"single": [], "ray": []}
     identical = True
@@ -71,25 +69,18 @@ def main() -> int:
         log.info("repeat %d: single %.1f s, ray %.1f s, identical %s", i, runs["single"][-1]["wall_s"],
                  runs["ray"][-1]["wall_s"], same)
     median = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}
-    command = "python bench/ray_vs_single.py " + " ".join(sys.argv[1:])
+    command = command_line("ray_vs_single.py")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     payload = {"command": command, "machine": machine, "argv": base, "runs": runs, "median_wall_s": median,
                "ray_over_single": median["ray"] / median["single"], "byte_identical": identical}
-    a.work.mkdir(parents=True, exist_ok=True)
-    (REPO / "bench" / "results" / "ray_vs_single.json").write_text(json.dumps(payload, indent=1))
-    def seconds(kind: str, key: str) -> str:
-        return ", ".join(f"{r[key]:.1f}" for r in runs[kind])
-
     line = (f"\n## `--ray` vs single process ({dt.date.today().isoformat()})\n\n- {machine}, `{command}` "
             f"(`armor-prune {a.model} --method {a.method} --iters {a.iters} --block-size {a.block_size}`, "
             f"C4 {a.calib_samples} x {a.calib_seqlen}; `--ray` = local instance, 2 workers x 1 thread): "
-            f"whole-command wall s single {seconds('single', 'wall_s')}, ray {seconds('ray', 'wall_s')}; "
+            f"whole-command wall s single {listed(runs['single'], 'wall_s')}, ray {listed(runs['ray'], 'wall_s')}; "
             f"median ratio ray / single {payload['ray_over_single']:.2f}; summed job s single "
-            f"{seconds('single', 'job_seconds')}, ray {seconds('ray', 'job_seconds')}; checkpoints "
+            f"{listed(runs['single'], 'job_seconds')}, ray {listed(runs['ray'], 'job_seconds')}; checkpoints "
             f"byte-identical: {identical}.\n")
-    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
-        f.write(line)
-    sys.stdout.write(line)
+    record("ray_vs_single", payload, line)
     return 0 if identical else 1
 
 

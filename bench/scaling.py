@@ -22,16 +22,14 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import command_line, record
 
 from vllm_armor import checkpoint_format as fmt
 
 log = logging.getLogger("bench.scaling")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _standin(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int) -> int:
@@ -117,14 +115,11 @@ def main() -> None:
 
 
 def write_results(rows: list[dict], a: argparse.Namespace) -> None:
-    command = "python bench/scaling.py " + " ".join(sys.argv[1:])
+    command = command_line("scaling.py")
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                f"load average {os.getloadavg()[0]:.1f}")
     if a.device.startswith("cuda"):
         machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "scaling.json").write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
     engine = rows[0]["engine"] + (f" optimizer={a.optimizer}" if rows[0]["engine"] == "armor_prune" else "")
     lines = [f"\n## Per-iteration time of one ARMOR job ({dt.date.today().isoformat()})\n",
              f"Machine: {machine}. Command: `{command}`. Engine: {engine}, early stop off.\n",
@@ -132,8 +127,7 @@ def write_results(rows: list[dict], a: argparse.Namespace) -> None:
     lines += [f"| {r['shape'][0]}x{r['shape'][1]} | {r['block'][0]}, {r['block'][1]} | {r['seconds_per_iter']:.4g} | "
               f"{r['c']:.2e} |" for r in rows]
     lines.append(f"\nMedian c = {statistics.median(r['c'] for r in rows):.2e} s.\n")
-    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
-        f.write("\n".join(lines))
+    record("scaling", {"command": command, "machine": machine, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

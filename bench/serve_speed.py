@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import platform
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import command_line, record
+
 from vllm_armor.fold import fold_checkpoint
 from vllm_armor.serve_process import VllmServer
 
-REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench.serve_speed")
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -77,7 +76,7 @@ def main() -> None:
                      measure(args.armor_dir, armor, args.tokens, {"VLLM_ARMOR_KERNEL": "factored"})))
     dense = rows[1][1]
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
-    command = "python bench/serve_speed.py " + " ".join(sys.argv[1:])
+    command = command_line("serve_speed.py")
     out = [
         f"\n## Serving speed, ARMOR vs dense ({dt.date.today().isoformat()})\n",
         f"Machine: {machine}. Command: `{command}`. vLLM CPU backend, {mode}, {args.tokens} output tokens "
@@ -88,13 +87,8 @@ def main() -> None:
     out += [f"| {name} | {r['startup_s']:.1f} | {r['tok_s_1']:.1f} | {r['tok_s_8']:.1f} | "
             f"{r['tok_s_1'] / dense['tok_s_1']:.2f} / {r['tok_s_8'] / dense['tok_s_8']:.2f} |" for name, r in rows]
     table = "\n".join(out) + "\n"
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "machine": machine, "mode": mode, "tokens": args.tokens, "rows": dict(rows)}
-    (results / "serve_speed.json").write_text(json.dumps(payload, indent=1))
-    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
-        f.write(table)
-    sys.stdout.write(table)
+    record("serve_speed", payload, table)
 
 
 if __name__ == "__main__":

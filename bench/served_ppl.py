@@ -12,24 +12,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import math
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
+from common import WIKITEXT, armor_eval_ppl, command_line, record
 from transformers import AutoTokenizer
 
 from offline_prune.evaluate import test_windows
 from vllm_armor.serve_process import VllmServer
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-BIN = Path(sys.executable).parent
-log = logging.getLogger("bench.served_ppl")
 
 
 def served_ppl(checkpoint: Path, windows, ctx_len: int) -> float:
@@ -39,39 +33,27 @@ def served_ppl(checkpoint: Path, windows, ctx_len: int) -> float:
     return math.exp(nll / (windows.numel() - windows.shape[0]))
 
 
-def offline_ppl(checkpoint: Path, data: Path, ctx_len: int, max_windows: int) -> dict:
-    cmd = [str(BIN / "armor-eval"), "ppl", str(checkpoint), "--data", str(data), "--ctx-len", str(ctx_len),
-           "--max-windows", str(max_windows)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--data", type=Path, default=DATA / "wikitext2" / "wiki.test.raw")
+    p.add_argument("--data", type=Path, default=WIKITEXT)
     p.add_argument("--ctx-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=40)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     windows = test_windows(a.data, AutoTokenizer.from_pretrained(a.checkpoint), a.ctx_len, a.max_windows)[0]
     served = served_ppl(a.checkpoint, windows, a.ctx_len)
-    offline = offline_ppl(a.checkpoint, a.data, a.ctx_len, a.max_windows)
+    offline = armor_eval_ppl(a.checkpoint, a.data, a.ctx_len, a.max_windows)
     ratio = served / offline["ppl"]
-    command = "python bench/served_ppl.py " + " ".join(sys.argv[1:])
+    command = command_line("served_ppl.py")
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores"
     payload = {"command": command, "machine": machine, "windows": int(windows.shape[0]), "ctx_len": a.ctx_len,
                "served_ppl": served, "offline": offline, "ratio": ratio}
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "served_ppl.json").write_text(json.dumps(payload, indent=1))
     line = (f"\n## Served vs offline perplexity ({dt.date.today().isoformat()})\n\n- {machine}, `{command}`: "
             f"{windows.shape[0]} windows x {a.ctx_len} tokens of WikiText-2 test; vLLM server (bf16, prompt "
             f"logprobs) ppl {served:.4f}, `armor-eval ppl` (fp32 ArmorLinear) {offline['ppl']:.4f}, "
             f"ratio {ratio:.4f} ({abs(ratio - 1):.2%} apart).\n")
-    with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
-        f.write(line)
-    sys.stdout.write(line)
+    record("served_ppl", payload, line)
     return 0 if abs(ratio - 1) < 0.01 else 1
 
 
