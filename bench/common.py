@@ -19,6 +19,8 @@ WIKITEXT = DATA / "wikitext2" / "wiki.test.raw"
 BIN = Path(sys.executable).parent  # armor-prune / armor-eval of the interpreter running the bench
 RESULTS = REPO / "bench" / "results"
 log = logging.getLogger("bench")
+if str(REPO) not in sys.path:  # the repository's tools/ package (not installed) for the scripts that use it
+    sys.path.insert(0, str(REPO))
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> str:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/serve_speed.py ARMOR_DIR [--dense-dir DIR] [--eager] [--tokens 128] [--factored]
 
 For each model (ARMOR with `--quantization armor`, then the dense model: `--dense-dir`, e.g. the original,
-or by default the dense twin folded by `vllm_armor.fold`): start `vllm serve` (time until /health answers),
+or by default the dense twin folded by `tools.fold`): start `vllm serve` (time until /health answers),
 one warm-up request, then greedy decoding of `--tokens` tokens (ignore_eos) for 1 request and for 8
 concurrent requests; output tokens / wall seconds. With `--factored` also the ARMOR checkpoint with
 `VLLM_ARMOR_KERNEL=factored`. Writes bench/results/serve_speed.json and appends the table (date, machine,
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from common import command_line, record
 
-from vllm_armor.fold import fold_checkpoint
-from vllm_armor.serve_process import VllmServer
+from tools.fold import fold_checkpoint  # noqa: E402 - after common puts the repo on sys.path
+from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
 
 log = logging.getLogger("bench.serve_speed")
 PROMPT = "Write a short story about a lighthouse keeper."

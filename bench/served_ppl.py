@@ -23,7 +23,7 @@ from common import WIKITEXT, armor_eval_ppl, command_line, record
 from transformers import AutoTokenizer
 
 from offline_prune.evaluate import test_windows
-from vllm_armor.serve_process import VllmServer
+from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
 
 
 def served_ppl(checkpoint: Path, windows, ctx_len: int) -> float:

@@ -1,7 +1,7 @@
 """`ArmorLinear`: the offline (no vLLM) torch module of a pruned linear, y = A (core (B x)) + bias.
 
-It computes with the same kernels module as the vLLM plugin (vllm_armor.kernels), so the offline and the
-served model compute the same thing.
+It holds a kernel from `vllm_armor.kernels` (the same classes the vLLM plugin serves with; `factored` by
+default), so the offline and the served model compute the same thing.
 """
 
 from __future__ import annotations
@@ -12,44 +12,26 @@ import torch
 from torch import nn
 
 from vllm_armor import checkpoint_format as fmt
-from vllm_armor.kernels import armor_linear_dense_core
+from vllm_armor.kernels import ArmorKernel, LayerSpec
+from vllm_armor.kernels.factored import FactoredKernel
 
 
 class ArmorLinear(nn.Module):
-    def __init__(
-        self,
-        core: torch.Tensor,
-        a_blocks: torch.Tensor | None,
-        b_blocks: torch.Tensor | None,
-        bias: torch.Tensor | None,
-    ) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype,
+                 kernel: type[ArmorKernel] = FactoredKernel) -> None:
+        """From validated format tensors (suffix -> tensor) of one linear; compute in ``dtype``."""
         super().__init__()
-        self.out_features, self.in_features = core.shape
-        self.register_buffer("core", core)
-        self.register_buffer("a_blocks", a_blocks)
-        self.register_buffer("b_blocks", b_blocks)
-        self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], bias: torch.Tensor | None, dtype: torch.dtype
-    ) -> ArmorLinear:
-        """Build from validated format tensors (suffix -> tensor); compute in ``dtype``."""
-        core = fmt.unpack_2to4(tensors[fmt.CORE_VALUES], tensors[fmt.CORE_META]).to(dtype)
-        a = tensors[fmt.ARMOR_A].to(dtype) if fmt.ARMOR_A in tensors else None
-        b = tensors[fmt.ARMOR_B].to(dtype) if fmt.ARMOR_B in tensors else None
-        return cls(core, a, b, bias.to(dtype) if bias is not None else None)
+        shapes = fmt.check_shapes("", {s: tuple(t.shape) for s, t in tensors.items()})
+        self.out_features, self.in_features = shapes.d_out, shapes.d_in
+        self.blocks = (shapes.block_out, shapes.block_in) if shapes.has_ab else None
+        device = tensors[fmt.CORE_VALUES].device
+        self.kernel = kernel(LayerSpec(device, dtype, (shapes.d_out,), shapes.d_in, shapes.has_ab))
+        self.kernel.process_weights(self, [tensors])
+        self.register_buffer("bias", bias.to(dtype) if bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return armor_linear_dense_core(x, self.a_blocks, self.core, self.b_blocks, self.bias)
-
-    def dense_weight(self) -> torch.Tensor:
-        """W_hat = A @ core @ B, in float32."""
-        w = self.core.float()
-        if self.a_blocks is None:
-            return w
-        return fmt.block_diag_dense(self.a_blocks.float()) @ w @ fmt.block_diag_dense(self.b_blocks.float())
+        return self.kernel.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
-        blocks = "" if self.a_blocks is None else f", blocks=({self.a_blocks.shape[1]}, {self.b_blocks.shape[1]})"
-        return f"in_features={self.in_features}, out_features={self.out_features}{blocks}"
+        blocks = "" if self.blocks is None else f", blocks={self.blocks}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel.name}{blocks}"

@@ -13,22 +13,21 @@ All packing and naming goes through `vllm_armor.checkpoint_format`.
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from offline_prune.methods.armor import largest_block_size
 from vllm_armor import checkpoint_format as cf
-from vllm_armor.fold import fold_checkpoint  # noqa: F401 - re-exported for the tests
+from tools.fold import fold_checkpoint  # noqa: F401 - re-exported for the tests
 
 log = logging.getLogger("tests.armor_fixtures")
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = cf.WEIGHTS_FILE
 
 
 @dataclass(frozen=True)
@@ -108,12 +107,12 @@ def armorize_linear(weight: torch.Tensor, block_size: int | None, gen: torch.Gen
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(-1, groups.topk(2, dim=-1).indices, True)
     mask = keep.reshape(d_out, d_in)
-    values, meta = cf.pack_2to4(w, mask)
-    tensors = {cf.CORE_VALUES: values.to(weight.dtype).contiguous(), cf.CORE_META: meta.contiguous()}
+    a = b = None
     if block_size is not None:
-        bs_out, bs_in = cf.largest_block_size(d_out, block_size), cf.largest_block_size(d_in, block_size)
-        tensors[cf.ARMOR_A] = _random_blocks(d_out // bs_out, bs_out, gen).contiguous()
-        tensors[cf.ARMOR_B] = _random_blocks(d_in // bs_in, bs_in, gen).contiguous()
+        bs_out, bs_in = largest_block_size(d_out, block_size), largest_block_size(d_in, block_size)
+        a, b = _random_blocks(d_out // bs_out, bs_out, gen), _random_blocks(d_in // bs_in, bs_in, gen)
+    tensors = cf.encode_linear(w, mask, a, b)
+    tensors[cf.CORE_VALUES] = tensors[cf.CORE_VALUES].to(weight.dtype)
     return tensors
 
 
@@ -122,13 +121,11 @@ def _pruned_modules(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _write_folder(out: Path, config, tensors: dict[str, torch.Tensor], tok: Path, quant: dict | None) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     if quant is not None:
         cfg["quantization_config"] = quant
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    cf.write_folder(out, tensors, cfg)
     for f in tok.iterdir():
         shutil.copy(f, out / f.name)
     return out
@@ -176,11 +173,7 @@ def build_tiny(spec: TinySpec, cache: Path) -> tuple[Path, Path]:
 
 
 def load_armor_tensors(armor_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg = json.loads((armor_dir / "config.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(armor_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return cfg, tensors
+    return cf.read_folder(armor_dir)
 
 
 def offline_fp32_model(armor_dir: Path, tensors: dict[str, torch.Tensor] | None = None):
@@ -195,9 +188,7 @@ def offline_fp32_model(armor_dir: Path, tensors: dict[str, torch.Tensor] | None 
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     state = {k: v.float() for k, v in tensors.items() if k.endswith(".weight") or k.endswith(".bias")}
     for module in cfg["quantization_config"]["pruned_modules"]:
-        names = {s: cf.tensor_name(module, s) for s in cf.TENSOR_SUFFIXES}
-        parts = {s: tensors[n] for s, n in names.items() if n in tensors}
-        state[f"{module}.weight"] = cf.reconstruct_weight(parts, torch.float32)
+        state[f"{module}.weight"] = cf.reconstruct_weight(cf.linear_tensors(tensors, module), torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
@@ -267,10 +258,9 @@ def make_malformed(armor_dir: Path, out: Path, kind: str) -> Path:
     elif kind == "partly_pruned":
         quant = cfg["quantization_config"]
         quant["pruned_modules"] = [m for m in quant["pruned_modules"] if m != f"{L0}.mlp.up_proj"]
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
     else:
         raise ValueError(f"unknown malformation {kind!r}")
-    save_file(t, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    cf.write_folder(out, t, cfg)
     return out
 
 
@@ -278,6 +268,6 @@ def write_swapped_kv_b(armor_dir: Path, out: Path) -> Path:
     """Copy of ``armor_dir`` with k_proj/v_proj B blocks swapped (negative control for offline checks)."""
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(armor_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
-    save_file(swap_kv_b(armor_dir), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    shutil.copytree(armor_dir, out, ignore=shutil.ignore_patterns("*.safetensors", cf.INDEX_FILE))
+    cf.write_folder(out, swap_kv_b(armor_dir), cf.read_config(armor_dir))
     return out

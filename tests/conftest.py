@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 C4 = DATA / "c4" / "c4_validation_2k.jsonl"
 WIKITEXT = DATA / "wikitext2" / "wiki.test.raw"
+if str(REPO) not in sys.path:  # the repository's tools/ package (test helpers, not installed)
+    sys.path.insert(0, str(REPO))
 
 
 def require(path: Path) -> Path:

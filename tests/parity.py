@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_armor.serve_process import VllmServer
+from tools.vllm_server import VllmServer
 
 PROMPTS = (
     "The capital of France is",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from offline_prune.methods.armor import largest_block_size
 from offline_prune.proxy import top2_of_4_mask
 from vllm_armor import checkpoint_format as fmt
+from vllm_armor.blockdiag import blockdiag_dense
 
 
 def random_2of4(d_out: int, d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,17 +83,17 @@ def test_validate_rejects_nan_and_shapes_and_missing():
     del t[fmt.CORE_VALUES]
     with pytest.raises(fmt.ArmorFormatError, match=r"'x\.core_values' is missing"):
         fmt.validate_linear("x", t)
-    with pytest.raises(fmt.ArmorFormatError, match="describes a 8x16 weight, the layer is 8x32"):
+    with pytest.raises(fmt.ArmorFormatError, match=r"expected shape \(8, 16\) for a 8x32 layer.*a 8x16 weight"):
         fmt.validate_linear("x", _tensors(), expected_shape=(8, 32))
 
 
 def test_largest_block_size_rule():
-    assert fmt.largest_block_size(576, 128) == 96
-    assert fmt.largest_block_size(192, 128) == 96
-    assert fmt.largest_block_size(1536, 128) == 128
-    assert fmt.largest_block_size(576, 32) == 32
-    with pytest.raises(fmt.ArmorFormatError):
-        fmt.largest_block_size(6, 128)
+    assert largest_block_size(576, 128) == 96
+    assert largest_block_size(192, 128) == 96
+    assert largest_block_size(1536, 128) == 128
+    assert largest_block_size(576, 32) == 32
+    with pytest.raises(ValueError):
+        largest_block_size(6, 128)
 
 
 def test_quant_config_validation():
@@ -108,5 +110,52 @@ def test_quant_config_validation():
 def test_reconstruct_matches_block_diag_product():
     t = _tensors()
     core = fmt.unpack_2to4(t[fmt.CORE_VALUES], t[fmt.CORE_META])
-    expected = fmt.block_diag_dense(t[fmt.ARMOR_A]) @ core @ fmt.block_diag_dense(t[fmt.ARMOR_B])
+    expected = blockdiag_dense(t[fmt.ARMOR_A]) @ core @ blockdiag_dense(t[fmt.ARMOR_B])
     torch.testing.assert_close(fmt.reconstruct_weight(t), expected)
+
+
+def test_expected_shapes_are_what_validation_and_headers_check():
+    t = _tensors()
+    shapes = fmt.expected_shapes(8, 16, 4, 8)
+    assert shapes == {k: tuple(v.shape) for k, v in t.items()}
+    assert fmt.check_shapes("m", shapes, d_out=8, d_in=16) == fmt.validate_linear("m", t)
+    bad = {**shapes, fmt.CORE_META: (8, 2, 1)}
+    with pytest.raises(fmt.ArmorFormatError, match=r"'m\.core_meta': expected a 2-D tensor"):
+        fmt.check_shapes("m", bad)
+    with pytest.raises(fmt.ArmorFormatError, match=r"'m\.core_values': expected shape \(8, 16\) for a 8x32 layer"):
+        fmt.check_shapes("m", shapes, d_in=32)
+
+
+def test_encode_decode_round_trip():
+    core, mask = random_2of4(8, 16)
+    a, b = torch.randn(2, 4, 4, dtype=torch.float64), torch.randn(2, 8, 8, dtype=torch.float64)
+    t = fmt.encode_linear(core, mask, a, b)
+    assert t[fmt.ARMOR_A].dtype == torch.float32 and t[fmt.CORE_META].dtype == torch.uint8
+    lin = fmt.decode_linear(t, torch.float64)
+    assert torch.equal(lin.core, (core * mask).double()) and torch.equal(lin.a_blocks, a.float().double())
+    assert fmt.ARMOR_A not in fmt.encode_linear(core, mask)
+    with pytest.raises(fmt.ArmorFormatError, match="A and B come together"):
+        fmt.encode_linear(core, mask, a, None)
+
+
+@pytest.mark.parametrize("max_shard_bytes", [fmt.MAX_SHARD_BYTES, 600])
+def test_write_then_read_folder(tmp_path, max_shard_bytes):
+    t = {fmt.tensor_name("m", k): v for k, v in _tensors().items()}
+    t["m.bias"] = torch.randn(8, dtype=torch.bfloat16)
+    config = {"quantization_config": fmt.make_quant_config("armor", 4, ["m"]), "dtype": "bfloat16"}
+    fmt.write_folder(tmp_path, t, config, max_shard_bytes=max_shard_bytes)
+    assert (tmp_path / fmt.INDEX_FILE).exists() == (max_shard_bytes == 600)
+    read_config, tensors = fmt.read_folder(tmp_path)
+    assert read_config == config and tensors.keys() == t.keys()
+    assert all(torch.equal(tensors[k], v) for k, v in t.items())
+    assert {k: (v.shape, v.dtype) for k, v in fmt.read_headers(tmp_path).items()} == {
+        k: (tuple(v.shape), v.dtype) for k, v in t.items()}
+    assert fmt.linear_tensors(tensors, "m").keys() == set(fmt.TENSOR_SUFFIXES)
+
+
+def test_read_folder_names_what_is_missing(tmp_path):
+    with pytest.raises(fmt.ArmorFormatError, match="no config.json"):
+        fmt.read_folder(tmp_path)
+    (tmp_path / fmt.CONFIG_FILE).write_text("{}")
+    with pytest.raises(fmt.ArmorFormatError, match=r"has no \*\.safetensors"):
+        fmt.read_folder(tmp_path)

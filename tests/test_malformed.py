@@ -10,7 +10,7 @@ from pathlib import Path
 import armor_fixtures as af
 import pytest
 
-from vllm_armor.serve_process import run_failing
+from tools.vllm_server import run_failing
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).parent

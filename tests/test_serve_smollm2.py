@@ -13,7 +13,7 @@ import pytest
 import torch
 from parity import Greedy, greedy_all, offline_report
 
-from vllm_armor.serve_process import VllmServer
+from tools.vllm_server import VllmServer
 
 pytestmark = pytest.mark.e2e
 EAGER = ["--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "8"]

@@ -14,7 +14,7 @@ import armor_fixtures as af
 import pytest
 from parity import Greedy, greedy_all, offline_report
 
-from vllm_armor.serve_process import VllmServer
+from tools.vllm_server import VllmServer
 
 pytestmark = pytest.mark.e2e
 

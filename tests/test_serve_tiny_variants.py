@@ -8,7 +8,7 @@ import armor_fixtures as af
 import pytest
 from parity import greedy_all, offline_report
 
-from vllm_armor.serve_process import VllmServer
+from tools.vllm_server import VllmServer
 
 pytestmark = pytest.mark.e2e
 EAGER = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "8"]

@@ -1,7 +1,6 @@
-"""ARMOR checkpoint format, version 1: names, 2:4 metadata packing and validation.
-
-This is the single definition used by the offline writer (`offline_prune`), the offline reader
-(`ArmorLinear`) and the vLLM plugin. It imports torch only. See docs/FORMAT.md.
+"""ARMOR checkpoint format, version 1: the one definition of names, packing, shapes, validation and the
+checkpoint folder (docs/FORMAT.md). The pruner (`offline_prune`), the offline reader and the vLLM plugin all
+go through this module; it imports torch and safetensors only.
 
 A pruned linear ``P`` (weight W of shape d_out x d_in) is stored as
 
@@ -14,15 +13,23 @@ A pruned linear ``P`` (weight W of shape d_out x d_in) is stored as
 and computes y = A (core (B x)) + bias. Group g of a row covers inputs 4g..4g+3; its nibble has bit k
 set when input 4g+k is kept (exactly two bits set); group 2m is the low nibble of byte m, group 2m+1 the
 high nibble. The two kept values are stored in increasing input order. A and B are either both present
-or both absent (plain 2:4 checkpoints from the baselines carry neither).
+or both absent (plain 2:4 checkpoints from the baselines carry neither). Block-diagonal matrices follow
+the convention of `vllm_armor.kernels.blockdiag`: blocks[J] is the J-th diagonal block.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vllm_armor.blockdiag import blockdiag_left, blockdiag_right
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "armor"
@@ -44,10 +51,14 @@ QUANT_CONFIG_KEYS = {
     "pruned_modules": True,  # full names of the pruned linear layers
 }
 
-GROUP = 4
-KEEP = 2
-# The 6 keep-masks with exactly 2 of 4 bits set, in a fixed order (pattern index -> mask).
-PATTERN_MASKS = (0b0011, 0b0101, 0b1001, 0b0110, 0b1010, 0b1100)
+GROUP = 4  # consecutive inputs of a 2:4 group
+KEEP = 2  # kept inputs per group
+META_INPUTS = 2 * GROUP  # inputs described by one metadata byte
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 4 * 1024**3
 
 
 class ArmorFormatError(ValueError):
@@ -58,26 +69,13 @@ def tensor_name(module: str, suffix: str) -> str:
     return f"{module}.{suffix}"
 
 
-def largest_block_size(dim: int, requested: int) -> int:
-    """Largest divisor of ``dim`` that is a multiple of 4 and at most ``requested``.
-
-    The rule the pruner uses when ``requested`` does not divide a dimension (SmolLM2: 576 with 128 -> 96).
-    """
-    if requested < 1:
-        raise ArmorFormatError(f"block size must be positive, got {requested}")
-    for size in range(min(requested, dim), 0, -1):
-        if dim % size == 0 and size % GROUP == 0:
-            return size
-    raise ArmorFormatError(f"dimension {dim} has no divisor that is a multiple of 4 and <= {requested}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # 2:4 packing
 # ---------------------------------------------------------------------------------------------------
 
 
 def check_packable(d_in: int, where: str = "") -> None:
-    if d_in % (2 * GROUP) != 0:
+    if d_in % META_INPUTS != 0:
         raise ArmorFormatError(f"{where}input dimension {d_in} is not a multiple of 8 (two groups of 4 a byte)")
 
 
@@ -113,7 +111,7 @@ def unpack_mask(meta: torch.Tensor) -> torch.Tensor:
     nibbles = torch.stack((meta & 0x0F, meta >> 4), dim=-1).reshape(d_out, 2 * n_bytes)
     shifts = torch.arange(GROUP, device=meta.device, dtype=torch.uint8)
     bits = (nibbles.unsqueeze(-1) >> shifts) & 1
-    return bits.bool().reshape(d_out, n_bytes * 2 * GROUP)
+    return bits.bool().reshape(d_out, n_bytes * META_INPUTS)
 
 
 def unpack_2to4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -125,7 +123,58 @@ def unpack_2to4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Validation
+# One linear: encode and decode
+# ---------------------------------------------------------------------------------------------------
+
+
+def encode_linear(
+    core: torch.Tensor, mask: torch.Tensor, a_blocks: torch.Tensor | None = None, b_blocks: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Format tensors (suffix -> CPU tensor) of one pruned linear: packed core, and A/B in float32 if given.
+
+    The values keep the core's dtype; the checkpoint writer casts them to the model dtype.
+    """
+    if (a_blocks is None) != (b_blocks is None):
+        raise ArmorFormatError("A and B come together: got only one of them")
+    values, meta = pack_2to4(core.cpu(), mask.cpu())
+    tensors = {CORE_VALUES: values, CORE_META: meta}
+    if a_blocks is not None:
+        tensors[ARMOR_A] = a_blocks.float().cpu().contiguous()
+        tensors[ARMOR_B] = b_blocks.float().cpu().contiguous()
+    return tensors
+
+
+@dataclass
+class DecodedLinear:
+    """A pruned linear with its core expanded to a dense zero-filled matrix (all in one dtype)."""
+
+    core: torch.Tensor  # (d_out, d_in)
+    a_blocks: torch.Tensor | None  # (n_out, bs_out, bs_out)
+    b_blocks: torch.Tensor | None  # (n_in, bs_in, bs_in)
+
+
+def decode_linear(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> DecodedLinear:
+    """Inverse of `encode_linear`, every tensor in ``dtype`` (values cast before the scatter)."""
+    core = unpack_2to4(tensors[CORE_VALUES].to(dtype), tensors[CORE_META])
+    a, b = tensors.get(ARMOR_A), tensors.get(ARMOR_B)
+    return DecodedLinear(core, a.to(dtype) if a is not None else None, b.to(dtype) if b is not None else None)
+
+
+def reconstruct_weight(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W_hat = A @ core @ B as a dense matrix in ``dtype`` (float32 by default): the format's semantics."""
+    lin = decode_linear(tensors, dtype)
+    if lin.a_blocks is None:
+        return lin.core
+    return blockdiag_left(lin.a_blocks, blockdiag_right(lin.core, lin.b_blocks))
+
+
+def linear_tensors(state: Mapping[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """The format tensors of ``module`` found in ``state`` (suffix -> tensor)."""
+    return {s: state[tensor_name(module, s)] for s in TENSOR_SUFFIXES if tensor_name(module, s) in state}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes and validation
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -143,23 +192,63 @@ class LinearShapes:
         return self.block_out is not None
 
 
-def _shape_error(name: str, msg: str) -> ArmorFormatError:
-    return ArmorFormatError(f"ARMOR tensor '{name}': {msg}")
+def expected_shapes(d_out: int, d_in: int, block_out: int | None = None,
+                    block_in: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shape of every format tensor of a d_out x d_in linear (A/B only when block sizes are given)."""
+    shapes: dict[str, tuple[int, ...]] = {CORE_VALUES: (d_out, d_in // 2), CORE_META: (d_out, d_in // META_INPUTS)}
+    if block_out is not None and block_in is not None:
+        shapes[ARMOR_A] = (d_out // block_out, block_out, block_out)
+        shapes[ARMOR_B] = (d_in // block_in, block_in, block_in)
+    return shapes
 
 
-def _check_blocks(name: str, t: torch.Tensor, dim: int, side: str) -> int:
-    if t.dim() != 3 or t.shape[1] != t.shape[2]:
-        raise _shape_error(name, f"expected (n_blocks, bs, bs) square blocks, got shape {tuple(t.shape)}")
-    n_blocks, bs = int(t.shape[0]), int(t.shape[1])
+def _error(module: str, suffix: str, msg: str) -> ArmorFormatError:
+    return ArmorFormatError(f"ARMOR tensor '{tensor_name(module, suffix)}': {msg}")
+
+
+def _block_size(module: str, suffix: str, shape: tuple[int, ...], dim: int, side: str) -> int:
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise _error(module, suffix, f"expected (n_blocks, bs, bs) square blocks, got shape {tuple(shape)}")
+    n_blocks, bs = int(shape[0]), int(shape[1])
     if n_blocks * bs != dim:
-        raise _shape_error(
-            name, f"{n_blocks} blocks of {bs} do not cover the {side} dimension {dim} (block size must divide it)"
-        )
-    if not t.is_floating_point():
-        raise _shape_error(name, f"expected a floating dtype, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise _shape_error(name, "contains NaN or Inf")
+        raise _error(module, suffix,
+                     f"{n_blocks} blocks of {bs} do not cover the {side} dimension {dim} (block size must divide it)")
     return bs
+
+
+def check_shapes(module: str, shapes: Mapping[str, tuple[int, ...]], d_out: int | None = None,
+                 d_in: int | None = None) -> LinearShapes:
+    """Check the shapes of one linear's tensors (suffix -> shape, from tensors or safetensors headers).
+
+    Presence and ranks come first, then the metadata, so that a derived check never blames the wrong tensor;
+    ``d_out``/``d_in`` are the layer's dimensions where known. Returns the dimensions and block sizes.
+    """
+    for suffix in (CORE_VALUES, CORE_META):
+        if suffix not in shapes:
+            raise ArmorFormatError(f"ARMOR tensor '{tensor_name(module, suffix)}' is missing")
+    meta = tuple(shapes[CORE_META])
+    if len(meta) != 2:
+        raise _error(module, CORE_META, f"expected a 2-D tensor, got shape {meta}")
+    rows, cols = int(meta[0]), int(meta[1]) * META_INPUTS
+    values = tuple(shapes[CORE_VALUES])
+    if values != expected_shapes(rows, cols)[CORE_VALUES]:
+        want = expected_shapes(rows, cols)[CORE_VALUES]
+        raise _error(module, CORE_VALUES, f"expected shape {want} to match {tensor_name(module, CORE_META)}, "
+                                          f"got {values}")
+    layer = (d_out if d_out is not None else rows, d_in if d_in is not None else cols)
+    if (rows, cols) != layer:
+        want = expected_shapes(*layer)[CORE_VALUES]
+        raise _error(module, CORE_VALUES, f"expected shape {want} for a {layer[0]}x{layer[1]} layer, got {values} "
+                                          f"(a {rows}x{cols} weight)")
+    has_a, has_b = ARMOR_A in shapes, ARMOR_B in shapes
+    if has_a != has_b:
+        missing = ARMOR_B if has_a else ARMOR_A
+        raise ArmorFormatError(f"ARMOR tensor '{tensor_name(module, missing)}' is missing (A and B come together)")
+    if not has_a:
+        return LinearShapes(rows, cols, None, None)
+    bs_out = _block_size(module, ARMOR_A, tuple(shapes[ARMOR_A]), rows, "output")
+    bs_in = _block_size(module, ARMOR_B, tuple(shapes[ARMOR_B]), cols, "input")
+    return LinearShapes(rows, cols, bs_out, bs_in)
 
 
 def validate_linear(
@@ -173,41 +262,29 @@ def validate_linear(
     ``expected_shape`` is (d_out, d_in) of the dense layer when known. Raises ArmorFormatError naming
     the offending tensor.
     """
-    for suffix in (CORE_VALUES, CORE_META):
-        if suffix not in tensors:
-            raise ArmorFormatError(f"ARMOR tensor '{tensor_name(module, suffix)}' is missing")
-    values, meta = tensors[CORE_VALUES], tensors[CORE_META]
-    vname, mname = tensor_name(module, CORE_VALUES), tensor_name(module, CORE_META)
-    if meta.dtype != torch.uint8 or meta.dim() != 2:
-        raise _shape_error(mname, f"expected a 2-D uint8 tensor, got {meta.dtype} {tuple(meta.shape)}")
-    d_out, d_in = int(meta.shape[0]), int(meta.shape[1]) * 2 * GROUP
-    if values.dim() != 2 or tuple(values.shape) != (d_out, d_in // 2):
-        expected = (d_out, d_in // 2)
-        raise _shape_error(vname, f"expected shape {expected} to match {mname}, got {tuple(values.shape)}")
-    if not values.is_floating_point():
-        raise _shape_error(vname, f"expected a floating dtype, got {values.dtype}")
-    if expected_shape is not None and (d_out, d_in) != tuple(expected_shape):
-        layer = f"{expected_shape[0]}x{expected_shape[1]}"
-        raise _shape_error(vname, f"describes a {d_out}x{d_in} weight, the layer is {layer}")
-    kept = unpack_mask(meta).reshape(d_out, d_in // GROUP, GROUP).sum(-1)
+    if CORE_META in tensors and tensors[CORE_META].dtype != torch.uint8:
+        meta = tensors[CORE_META]
+        raise _error(module, CORE_META, f"expected a 2-D uint8 tensor, got {meta.dtype} {tuple(meta.shape)}")
+    layer = expected_shape or (None, None)
+    shapes = check_shapes(module, {s: tuple(t.shape) for s, t in tensors.items()}, *layer)
+    for suffix, t in tensors.items():
+        if suffix != CORE_META and not t.is_floating_point():
+            raise _error(module, suffix, f"expected a floating dtype, got {t.dtype}")
+    kept = unpack_mask(tensors[CORE_META]).reshape(shapes.d_out, shapes.d_in // GROUP, GROUP).sum(-1)
     bad = kept != KEEP
     if bool(bad.any()):
         row, group = (int(i) for i in bad.nonzero()[0])
-        raise _shape_error(
-            mname, f"row {row}, group {group} keeps {int(kept[row, group])} of 4 inputs (2:4 needs exactly 2)"
-        )
-    if not bool(torch.isfinite(values).all()):
-        raise _shape_error(vname, "contains NaN or Inf")
+        raise _error(module, CORE_META,
+                     f"row {row}, group {group} keeps {int(kept[row, group])} of 4 inputs (2:4 needs exactly 2)")
+    for suffix in (CORE_VALUES, ARMOR_A, ARMOR_B):
+        if suffix in tensors and not bool(torch.isfinite(tensors[suffix]).all()):
+            raise _error(module, suffix, "contains NaN or Inf")
+    return shapes
 
-    has_a, has_b = ARMOR_A in tensors, ARMOR_B in tensors
-    if has_a != has_b:
-        missing = ARMOR_B if has_a else ARMOR_A
-        raise ArmorFormatError(f"ARMOR tensor '{tensor_name(module, missing)}' is missing (A and B come together)")
-    if not has_a:
-        return LinearShapes(d_out, d_in, None, None)
-    bs_out = _check_blocks(tensor_name(module, ARMOR_A), tensors[ARMOR_A], d_out, "output")
-    bs_in = _check_blocks(tensor_name(module, ARMOR_B), tensors[ARMOR_B], d_in, "input")
-    return LinearShapes(d_out, d_in, bs_out, bs_in)
+
+# ---------------------------------------------------------------------------------------------------
+# quantization_config
+# ---------------------------------------------------------------------------------------------------
 
 
 def validate_quant_config(cfg: Mapping) -> dict:
@@ -246,62 +323,113 @@ def make_quant_config(method: str, block_size: int | None, pruned_modules: list[
     }
 
 
-# ---------------------------------------------------------------------------------------------------
-# Dense reconstruction (reference semantics of the format)
-# ---------------------------------------------------------------------------------------------------
-
-
-def block_diag_dense(blocks: torch.Tensor) -> torch.Tensor:
-    """(n, bs, bs) blocks -> dense (n*bs, n*bs) block-diagonal matrix."""
-    return torch.block_diag(*blocks.unbind(0))
-
-
-def reconstruct_weight(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W_hat = A @ core @ B as a dense matrix in ``dtype`` (float32 by default)."""
-    core = unpack_2to4(tensors[CORE_VALUES].to(dtype), tensors[CORE_META])
-    if ARMOR_A not in tensors:
-        return core
-    a = tensors[ARMOR_A].to(dtype)
-    b = tensors[ARMOR_B].to(dtype)
-    n_out, bs_out, _ = a.shape
-    n_in, bs_in, _ = b.shape
-    d_out, d_in = core.shape
-    # core @ B: each input block J of core's columns times B_J
-    cb = torch.einsum("onj,njk->onk", core.reshape(d_out, n_in, bs_in), b).reshape(d_out, d_in)
-    # A @ (core B): each output block I of rows times A_I
-    return torch.einsum("nij,njk->nik", a, cb.reshape(n_out, bs_out, d_in)).reshape(d_out, d_in)
-
+def is_armor_config(config: Mapping) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tensor-parallel sharding rules (used by the vLLM plugin; pure functions, unit-tested without vLLM)
+# The checkpoint folder: one writer, one reader
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_output_shard(module: str, rows_per_rank: int, block_out: int | None) -> None:
-    """Column parallelism splits the output dim: each rank's rows must be whole A blocks.
+def _shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
 
-    With k/v head replication a rank holds one head, so the A block size must divide head_dim.
-    """
-    if block_out is not None and rows_per_rank % block_out:
-        raise ArmorFormatError(
-            f"ARMOR tensor '{tensor_name(module, ARMOR_A)}': tensor parallelism gives each rank {rows_per_rank} "
-            f"output rows, which would split an A block of size {block_out}; use a tensor-parallel size for "
-            f"which {block_out} divides the per-rank rows (or re-prune with a smaller block size)"
-        )
+
+def write_folder(out: Path, state: Mapping[str, torch.Tensor], config: Mapping,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write ``state`` (in its order) as model.safetensors, or shards plus an index, and ``config`` as
+    config.json. Tensors are written as given: cast them to their checkpoint dtypes first."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], out / WEIGHTS_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+    (out / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    for file in out.glob("*.safetensors"):
+        file.chmod(0o644)  # readable by a non-root server process
 
 
-def check_input_shard(module: str, cols_per_rank: int, block_in: int | None) -> None:
-    """Row parallelism splits the input dim: each rank's columns must be whole B blocks and whole
-    metadata bytes (two groups of 4 inputs)."""
-    if cols_per_rank % (2 * GROUP):
-        raise ArmorFormatError(
-            f"ARMOR tensor '{tensor_name(module, CORE_META)}': tensor parallelism gives each rank {cols_per_rank} "
-            f"input columns, which would split a group of 4 / a metadata byte (needs a multiple of 8)"
-        )
-    if block_in is not None and cols_per_rank % block_in:
-        raise ArmorFormatError(
-            f"ARMOR tensor '{tensor_name(module, ARMOR_B)}': tensor parallelism gives each rank {cols_per_rank} "
-            f"input columns, which would split a B block of size {block_in}; use a tensor-parallel size for "
-            f"which {block_in} divides the per-rank columns (or re-prune with a smaller block size)"
-        )
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ArmorFormatError(f"{folder} is not a model folder (no {CONFIG_FILE})")
+    return json.loads(path.read_text())
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names, else every *.safetensors file."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ArmorFormatError(f"{folder} has no *.safetensors weight files")
+    for path in files:
+        if not path.is_file():
+            raise ArmorFormatError(f"checkpoint file {path} is missing")
+    return files
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, every tensor of the checkpoint by name)."""
+    config = read_config(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return config, tensors
+
+
+# Safetensors header dtypes the format can meet; others (e.g. FP8) are never ARMOR tensors.
+_HEADER_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
+    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes of one safetensors file, from its header (no tensor data)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for name, meta in header.items():
+        dtype = _HEADER_DTYPES.get(meta["dtype"]) if name != "__metadata__" else None
+        if dtype is not None:
+            out[name] = TensorInfo(tuple(int(d) for d in meta["shape"]), dtype)
+    return out
+
+
+def read_headers(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the checkpoint's weight files, from the headers alone."""
+    index: dict[str, TensorInfo] = {}
+    for path in weight_files(folder):
+        index.update(read_header(path))
+    return index

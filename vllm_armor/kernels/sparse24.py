@@ -1,34 +1,76 @@
-"""2:4 sparse tensor-core path through torch's cuSPARSELt bindings (CUDA sm80+).
+"""`sparse24`: the factored layer with the core on 2:4 sparse tensor cores via torch's cuSPARSELt bindings
+(CUDA sm80+), custom op ``vllm_armor::sparse24_linear``.
 
-UNTESTED ON REAL HARDWARE: this repository is developed and tested on CPU only. The path is only taken
-when `sparse24_supported()` says so (a CUDA device of capability >= 8.0 and cuSPARSELt in the torch
-build); the CPU backend never reaches it. Select it explicitly with VLLM_ARMOR_KERNEL=sparse24 or let
-`auto` pick it on such a GPU.
+UNTESTED ON REAL HARDWARE: this repository is developed and tested on CPU only. The kernel is only chosen
+where `supports_device` says so (a CUDA device of capability >= 8.0 and cuSPARSELt in the torch build);
+the CPU backend never reaches it.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from vllm_armor.kernels.base import LayerSpec
+from vllm_armor.kernels.factored import FactoredKernel, factored_forward
 
 
-def sparse24_supported(device: torch.device) -> tuple[bool, str]:
-    """(supported, reason) for the cuSPARSELt 2:4 path on ``device``."""
-    if device.type != "cuda":
-        return False, f"device is {device.type}, the 2:4 tensor-core path needs CUDA"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return False, f"GPU capability {major}.{minor} < 8.0 has no 2:4 sparse tensor cores"
-    cusparselt = getattr(torch.backends, "cusparselt", None)
-    if cusparselt is None or not cusparselt.is_available():
-        return False, "this torch build has no cuSPARSELt"
-    return True, f"CUDA capability {major}.{minor} with cuSPARSELt"
+def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:
+    """x @ core^T with a cuSPARSELt-compressed 2:4 core."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch._cslt_sparse_mm(compressed, x2.t().contiguous())  # (d_out, T)
+    return y.t().reshape(*lead, -1)
 
 
-def sparse24_shape_ok(d_out: int, d_in: int, dtype: torch.dtype) -> bool:
-    """cuSPARSELt constraints on the sparse operand (fp16/bf16, dims multiples of 16 / 64)."""
-    return dtype in (torch.float16, torch.bfloat16) and d_out % 16 == 0 and d_in % 64 == 0
+@torch.library.custom_op("vllm_armor::sparse24_linear", mutates_args=())
+def sparse24_linear(
+    x: torch.Tensor,
+    compressed_cores: list[torch.Tensor],
+    out_sizes: list[int],
+    a_blocks: list[torch.Tensor],
+    b_blocks: list[torch.Tensor],
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return factored_forward(x, compressed_cores, a_blocks, b_blocks, bias, core_matmul=_cslt_linear)
 
 
-def compress_core(dense_core: torch.Tensor) -> torch.Tensor:
-    """Compress a dense zero-filled 2:4 core (d_out, d_in) on the GPU for `torch._cslt_sparse_mm`."""
-    return torch._cslt_compress(dense_core.contiguous())
+@sparse24_linear.register_fake
+def _sparse24_linear_fake(x, compressed_cores, out_sizes, a_blocks, b_blocks, bias):
+    return x.new_empty((*x.shape[:-1], sum(out_sizes)))
+
+
+class Sparse24Kernel(FactoredKernel):
+    name = "sparse24"
+    description = "2:4 core on sparse tensor cores (cuSPARSELt), A and B as batched matmuls"
+
+    @classmethod
+    def supports_device(cls, device: torch.device) -> tuple[bool, str]:
+        if device.type != "cuda":
+            return False, f"device is {device.type}, the 2:4 tensor-core path needs CUDA"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return False, f"GPU capability {major}.{minor} < 8.0 has no 2:4 sparse tensor cores"
+        cusparselt = getattr(torch.backends, "cusparselt", None)
+        if cusparselt is None or not cusparselt.is_available():
+            return False, "this torch build has no cuSPARSELt"
+        return True, f"CUDA capability {major}.{minor} with cuSPARSELt"
+
+    @classmethod
+    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:
+        ok, why = cls.supports_device(spec.device)
+        if not ok:
+            return ok, why
+        # cuSPARSELt constraints on the sparse operand: fp16/bf16, dims multiples of 16 / 64.
+        if spec.dtype not in (torch.float16, torch.bfloat16):
+            return False, f"cuSPARSELt needs fp16/bf16, the layer computes in {spec.dtype}"
+        if any(rows % 16 for rows in spec.out_sizes) or spec.d_in % 64:
+            return False, f"shape/dtype outside cuSPARSELt limits (rows {spec.out_sizes}, d_in {spec.d_in})"
+        return True, why
+
+    def prepare_core(self, core: torch.Tensor) -> torch.Tensor:
+        return torch._cslt_compress(core.contiguous())
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        cores, a, b = self.factors(layer)
+        return torch.ops.vllm_armor.sparse24_linear(x, cores, list(self.spec.out_sizes), a, b, bias)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-log = logging.getLogger("vllm_armor.serve_process")
+log = logging.getLogger("tools.vllm_server")
 VENV_BIN = Path(sys.executable).parent
 
 

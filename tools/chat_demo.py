@@ -1,7 +1,7 @@
 """Serve a checkpoint with `vllm serve`, ask one chat question through the `openai` client, print the answer,
 stop the server (the serving step of `make demo`).
 
-    python -m vllm_armor.demo out/smollm2-armor --question "What is the capital of France?"
+    python -m tools.chat_demo out/smollm2-armor --question "What is the capital of France?"
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from vllm_armor.serve_process import VllmServer
+from tools.vllm_server import VllmServer
 
-log = logging.getLogger("vllm_armor.demo")
+log = logging.getLogger("tools.chat_demo")
 
 
 def ask(model: Path, question: str, max_tokens: int, extra_args: list[str]) -> str:

@@ -1,0 +1,195 @@
+"""`ArmorLinearMethod`: loads one vLLM linear layer's ARMOR tensors and dispatches to a kernel.
+
+Loading: `create_weights` sizes flat loading parameters from the safetensors headers (checked with the
+format module's `check_shapes`, sharded by `tensor_parallel.LayerLayout`); vLLM's loader fills them shard
+by shard. After loading, the tensors are validated (`checkpoint_format.validate_linear`), a kernel is chosen
+from `vllm_armor.kernels.KERNELS` and builds its own parameters; the loading parameters are dropped.
+Compute is the kernel's `apply`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_armor import checkpoint_format as fmt
+from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
+from vllm_armor.kernels import KERNEL_ENV, ArmorKernel, LayerSpec, choose_kernel
+from vllm_armor.tensor_parallel import LayerLayout
+
+from vllm.model_executor.layers.linear import (  # isort: skip
+    ColumnParallelLinear,
+    LinearBase,
+    LinearMethodBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.parameter import BasevLLMParameter  # isort: skip
+
+if TYPE_CHECKING:
+    from vllm_armor.plugin import ArmorConfig
+
+# A child of "vllm" so that vLLM's logging configuration prints it next to its own lines.
+logger = logging.getLogger("vllm.armor")
+_LOGGED_CHOICES: set[str] = set()
+
+
+def _loader_ids(layer: LinearBase, n: int) -> list[str | int | None]:
+    if isinstance(layer, QKVParallelLinear):
+        return ["q", "k", "v"]
+    if isinstance(layer, MergedColumnParallelLinear):
+        return list(range(n))
+    return [None]
+
+
+def _row_ranks(layer: LinearBase, n: int) -> list[int]:
+    if isinstance(layer, QKVParallelLinear):
+        kv_rank = layer.tp_rank // layer.num_kv_head_replicas
+        return [layer.tp_rank, kv_rank, kv_rank]
+    if isinstance(layer, RowParallelLinear) or not isinstance(layer, ColumnParallelLinear):
+        return [0] * n
+    return [layer.tp_rank] * n
+
+
+class ArmorLinearMethod(LinearMethodBase):
+    """Loads ARMOR tensors (core_values, core_meta, armor_a, armor_b) and computes A (core (B x)) + bias."""
+
+    def __init__(self, config: ArmorConfig, prefix: str, shard_modules: list[str]) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.shard_modules = shard_modules
+        self.kernel: ArmorKernel | None = None
+
+    # -- create ------------------------------------------------------------------------------------
+
+    def _headers(self, module: str) -> dict[str, TensorInfo]:
+        index = self.config.tensor_index
+        return {s: index[fmt.tensor_name(module, s)] for s in fmt.TENSOR_SUFFIXES
+                if fmt.tensor_name(module, s) in index}
+
+    def _shard_shapes(self, module: str, d_in: int) -> fmt.LinearShapes:
+        headers = self._headers(module)
+        try:
+            return fmt.check_shapes(module, {s: info.shape for s, info in headers.items()}, d_in=d_in)
+        except ArmorFormatError as err:
+            where = f" in {self.config.model_dir}" if self.config.model_dir else ""
+            raise ArmorFormatError(f"{err}{where}") from None
+
+    def _layout(self, layer: LinearBase, input_size: int, in_pp: int, out_parts: list[int]) -> LayerLayout:
+        n = len(self.shard_modules)
+        loader_ids = _loader_ids(layer, n)
+        if len(loader_ids) != n or len(out_parts) != n:
+            raise ArmorFormatError(f"layer '{self.prefix}' has {len(out_parts)} output parts but packs "
+                                   f"{self.shard_modules}")
+        shapes = [self._shard_shapes(m, input_size) for m in self.shard_modules]
+        dtypes = {self._headers(m)[fmt.CORE_VALUES].dtype for m in self.shard_modules}
+        if len(dtypes) != 1:
+            raise ArmorFormatError(f"layer '{self.prefix}': core_values of {self.shard_modules} differ in dtype")
+        if len({s.has_ab for s in shapes}) != 1:
+            raise ArmorFormatError(f"layer '{self.prefix}': some of {self.shard_modules} carry A/B and some do not")
+        row_parallel = isinstance(layer, RowParallelLinear)
+        col_rank = getattr(layer, "tp_rank", 0) if row_parallel else 0
+        layout = LayerLayout(self.prefix, row_parallel, in_pp, col_rank, dtypes.pop())
+        for module, lid, rows, rank, sh in zip(self.shard_modules, loader_ids, out_parts, _row_ranks(layer, n),
+                                               shapes, strict=True):
+            if (rank + 1) * rows > sh.d_out:
+                raise ArmorFormatError(
+                    f"ARMOR tensor '{fmt.tensor_name(module, fmt.CORE_VALUES)}' has {sh.d_out} rows, the layer "
+                    f"needs rows {rank * rows}..{(rank + 1) * rows} on this rank"
+                )
+            layout.add_shard(module, lid, rows, rank, (sh.block_out, sh.block_in))
+        return layout
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        if not self.config.tensor_index:
+            raise ArmorFormatError(
+                "ARMOR needs the checkpoint's safetensors headers; none were found "
+                f"(model directory {self.config.model_dir!r})"
+            )
+        layout = self._layout(layer, input_size, input_size_per_partition, output_partition_sizes)
+        layer.armor_layout = layout
+        layer.armor_loaded = set()
+        rows, cols = sum(output_partition_sizes), input_size_per_partition
+        shapes = fmt.expected_shapes(rows, cols)
+        self._add_param(layer, fmt.CORE_VALUES, torch.empty(shapes[fmt.CORE_VALUES], dtype=layout.values_dtype))
+        self._add_param(layer, fmt.CORE_META, torch.empty(shapes[fmt.CORE_META], dtype=torch.uint8))
+        if layout.has_ab:
+            a_numel = sum(s.rows * s.block_out for s in layout.shards)
+            b_numel = sum(cols * s.block_in for s in layout.shards)
+            self._add_param(layer, fmt.ARMOR_A, torch.empty(a_numel, dtype=torch.float32))
+            self._add_param(layer, fmt.ARMOR_B, torch.empty(b_numel, dtype=torch.float32))
+
+    def _add_param(self, layer: torch.nn.Module, suffix: str, data: torch.Tensor) -> None:
+        def loader(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+            self._load(layer, suffix, param, loaded, shard_id)
+
+        layer.register_parameter(suffix, BasevLLMParameter(data=data, weight_loader=loader))
+
+    # -- load --------------------------------------------------------------------------------------
+
+    def _load(self, layer, suffix: str, param, loaded: torch.Tensor, shard_id) -> None:
+        layout: LayerLayout = layer.armor_layout
+        spec = layout.shard_for(shard_id)
+        expected = self._headers(spec.module)[suffix].shape
+        if tuple(loaded.shape) != expected:
+            name = fmt.tensor_name(spec.module, suffix)
+            raise ArmorFormatError(f"ARMOR tensor '{name}': expected shape {expected}, got {tuple(loaded.shape)}")
+        src, dst = layout.slices(spec, suffix, param.data, loaded)
+        dst.copy_(src)
+        layer.armor_loaded.add((suffix, spec.loader_id))
+
+    # -- after loading -----------------------------------------------------------------------------
+
+    def _loaded_shards(self, layer) -> list[dict[str, torch.Tensor]]:
+        """Every shard's format tensors, checked complete and valid."""
+        layout: LayerLayout = layer.armor_layout
+        params = {s: getattr(layer, s).data for s in fmt.TENSOR_SUFFIXES if hasattr(layer, s)}
+        shards = []
+        for spec in layout.shards:
+            for suffix in params:
+                if (suffix, spec.loader_id) not in layer.armor_loaded:
+                    raise ArmorFormatError(
+                        f"ARMOR tensor '{fmt.tensor_name(spec.module, suffix)}' was never loaded "
+                        f"(missing from the checkpoint files of layer '{self.prefix}')"
+                    )
+            tensors = layout.shard_tensors(spec, params)
+            fmt.validate_linear(spec.module, tensors, expected_shape=(spec.rows, layout.cols))
+            shards.append(tensors)
+        return shards
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        shards = self._loaded_shards(layer)
+        layout: LayerLayout = layer.armor_layout
+        spec = LayerSpec(layer.core_values.device, layer.params_dtype, tuple(s.rows for s in layout.shards),
+                         layout.cols, layout.has_ab)
+        kernel_cls, reason = choose_kernel(spec)
+        _log_choice_once(kernel_cls.name, reason)
+        self.kernel = kernel_cls(spec)
+        self.kernel.process_weights(layer, shards)
+        for suffix in fmt.TENSOR_SUFFIXES:
+            if hasattr(layer, suffix):
+                delattr(layer, suffix)
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernel.apply(layer, x, bias)
+
+
+def _log_choice_once(kernel: str, reason: str) -> None:
+    if kernel in _LOGGED_CHOICES:
+        return
+    _LOGGED_CHOICES.add(kernel)
+    logger.info("ARMOR kernel: %s (%s); set %s=dense|factored|sparse24 to override", kernel, reason, KERNEL_ENV)
