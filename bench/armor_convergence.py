@@ -27,8 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from offline_prune import baselines  # noqa: E402
-from offline_prune.armor import ArmorResult, armor_prune  # noqa: E402
+from offline_prune.methods.armor import ArmorResult, armor_prune  # noqa: E402
+from offline_prune.methods.magnitude import magnitude_2of4  # noqa: E402
+from offline_prune.methods.nowag_p import nowag_p_2of4  # noqa: E402
+from offline_prune.methods.wanda import wanda_2of4  # noqa: E402
 from offline_prune.proxy import normalize, proxy_loss, proxy_scale  # noqa: E402
 
 log = logging.getLogger("bench.armor_convergence")
@@ -63,8 +65,9 @@ def layer_inputs(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torc
     """{matrix: (W float32, h = diag(X^T X))} for the chosen layer, from C4 windows through the dense model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from offline_prune.architectures import architecture_of, layer_list
     from offline_prune.calibration import c4_windows
-    from offline_prune.models import decoder_layers, resolve_model
+    from offline_prune.models import resolve_model
     from offline_prune.statistics import collect_stats
 
     if not args.calib.is_file():
@@ -72,13 +75,14 @@ def layer_inputs(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torc
     path = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    layers = decoder_layers(model)
+    arch = architecture_of(model)
+    _, layers = layer_list(model, arch)
     del layers[args.layer + 1 :]  # later layers do not change this layer's inputs
     layer = layers[args.layer]
     windows = c4_windows(args.calib, tok, args.samples, args.seqlen, seed=0)
     linears = {name: layer.get_submodule(name) for name in args.matrices}
     start = time.perf_counter()
-    with collect_stats(linears, want_gram=False) as stats:
+    with collect_stats(linears, False, arch.shared_inputs) as stats:
         for batch in windows.split(8):
             model.model(input_ids=batch)
     log.info("statistics of layer %d from %d x %d tokens in %.1fs", args.layer, *windows.shape,
@@ -105,9 +109,9 @@ def timed(fn, *a):
 def baseline_rows(w: torch.Tensor, h: torch.Tensor) -> dict[str, dict]:
     rows = {}
     for name, fn, extra in (
-        ("magnitude", baselines.magnitude_2of4, ()),
-        ("wanda", baselines.wanda_2of4, (h,)),
-        ("nowag-p", baselines.nowag_p_2of4, (h,)),
+        ("magnitude", magnitude_2of4, ()),
+        ("wanda", wanda_2of4, (h,)),
+        ("nowag-p", nowag_p_2of4, (h,)),
     ):
         (w_hat, _), secs = timed(fn, w, *extra)
         rows[name] = {"relative": relative(w, w_hat, h), "seconds": secs}

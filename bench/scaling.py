@@ -1,7 +1,7 @@
 """Per-iteration time of one ARMOR matrix job, for the time model of docs/SCALING.md.
 
 For each shape, one job is timed at two iteration counts and the difference is divided by the extra iterations
-(this cancels the set-up: NoWag-P init, packing). With `offline_prune.armor` present it times
+(this cancels the set-up: NoWag-P init, packing). With `offline_prune.methods.armor` present it times
 `armor_prune(..., optimizer=OPT)`; without it, a stand-in of one ARMOR iteration (the block-diagonal products
 A (W' * M) B, the proxy loss, its backward and an Adam step on A, B, W'), and says so in every line.
 
@@ -56,7 +56,7 @@ def _standin(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int
 
 
 def _armor(w: torch.Tensor, h: torch.Tensor, b_out: int, b_in: int, iters: int, optimizer: str) -> int:
-    from offline_prune.armor import armor_prune
+    from offline_prune.methods.armor import armor_prune
 
     res = armor_prune(w, h, b_out, b_in, optimizer=optimizer, iters=iters, seed=0, device=str(w.device),
                       patience=10**9)  # no early stop while timing
@@ -73,7 +73,7 @@ def time_shape(d_out: int, d_in: int, block: int, device: str, optimizer: str, n
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(d_out, d_in, generator=gen).to(device) * 0.02
     h = torch.rand(d_in, generator=gen).to(device) + 0.1
-    engine = "armor_prune" if importlib.util.find_spec("offline_prune.armor") else "stand-in"
+    engine = "armor_prune" if importlib.util.find_spec("offline_prune.methods.armor") else "stand-in"
     seconds, done = [], []
     for n in (1, n1, n2):  # the first run only warms up (allocator, kernels)
         _sync(device)

@@ -30,22 +30,28 @@ def _guarded(main) -> int:
         return 130
 
 
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One flag per method option (offline_prune.methods); given only when typed, else the method's default."""
+    from offline_prune.methods import all_options
+
+    for option in all_options():
+        p.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices,
+                       default=argparse.SUPPRESS, help=f"{option.help} (default: {option.default})")
+
+
 def prune_parser() -> argparse.ArgumentParser:
-    from offline_prune.methods import METHODS
+    from offline_prune.methods import method_names
 
     p = argparse.ArgumentParser(prog="armor-prune", description="Prune a Hugging Face decoder model to 2:4.")
     p.add_argument("model", help=f"local HF folder, hub id, or '{DEFAULT_MODEL}' (bundled)")
     p.add_argument("out", help="output folder (an HF folder with an ARMOR quantization_config)")
-    p.add_argument("--method", default="armor", choices=METHODS)
+    p.add_argument("--method", default="armor", choices=method_names())
     p.add_argument("--calib", default=None,
                    help="c4:PATH.jsonl, text:PATH or self (default: self = sampled from the model, with a warning)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=128,
-                   help="ARMOR block size; per dimension the largest divisor that is a multiple of 4 and <= this")
-    p.add_argument("--optimizer", default="fast", choices=("fast", "paper"))
-    p.add_argument("--iters", type=int, default=2000, help="ARMOR iterations per matrix (paper: 20000)")
+    _add_method_options(p)
     p.add_argument("--skip", default=None, help="regex of module names to leave dense")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT instead of resuming it")
@@ -82,6 +88,7 @@ def _executor(a: argparse.Namespace):
 def prune_main(argv: list[str] | None = None) -> int:
     import torch
 
+    from offline_prune.methods import get_method
     from offline_prune.pipeline import PruneArgs, prune
 
     _setup_logging()
@@ -89,8 +96,8 @@ def prune_main(argv: list[str] | None = None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args = PruneArgs(
         model=a.model, out=a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
-        calib_seqlen=a.calib_seqlen, seed=a.seed, block_size=a.block_size, optimizer=a.optimizer,
-        iters=a.iters, skip=a.skip, device=device,
+        calib_seqlen=a.calib_seqlen, seed=a.seed, skip=a.skip, device=device,
+        options=get_method(a.method).select(vars(a)),  # options of other methods are ignored
     )
 
     def run() -> int:

@@ -1,6 +1,6 @@
 """The per-matrix jobs as Ray tasks (`armor-prune --ray`). Imported only then: without --ray nothing imports Ray.
 
-Each job is one Ray task (`methods.run_job` on a worker) with one GPU (`--gpus-per-job`, fractional allowed) when
+Each job is one Ray task (`jobs.run_job` on a worker) with one GPU (`--gpus-per-job`, fractional allowed) when
 the cluster has GPUs, else `--cpus-per-job` CPUs. What a job needs travels through the object store exactly once:
 the driver `ray.put`s every distinct statistic of a decoder layer once (q/k/v share one, gate/up share one) and
 every weight once, and passes the references, so a layer costs one put per statistic and per matrix, never one
@@ -24,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import RayError, RayTaskError
 
-from offline_prune import methods
+from offline_prune import jobs
 from offline_prune.executor import Finished, JobFn, LayerJobs
 from offline_prune.models import UserError
 from offline_prune.statistics import InputStats
@@ -49,8 +49,8 @@ class RayOptions:
 
 
 def _remote_job(job: JobFn, threads: int, module: str, weight: torch.Tensor, stats: InputStats | None,
-                options: methods.JobOptions) -> tuple[dict[str, torch.Tensor], dict]:
-    """Body of a Ray task; returns only what the driver saves (not the dense reconstruction).
+                options: jobs.JobOptions) -> tuple[dict[str, torch.Tensor], dict]:
+    """Body of a Ray task; returns what the driver saves.
 
     ``threads``: torch's intra-op threads for the job. CPU results of some methods (SparseGPT: measured) depend in the
     last bits on it, so it is fixed (= the job's whole CPUs) rather than left to the worker's environment.
@@ -85,7 +85,7 @@ def _connect(options: RayOptions) -> bool:
 class RayExecutor:
     """Submits each matrix as a Ray task; yields results as they finish."""
 
-    def __init__(self, options: RayOptions | None = None, job: JobFn = methods.run_job) -> None:
+    def __init__(self, options: RayOptions | None = None, job: JobFn = jobs.run_job) -> None:
         self.options = options or RayOptions()
         self._job = job
         self._owns = _connect(self.options)
@@ -136,7 +136,7 @@ class RayExecutor:
             "max_retries": self.options.max_retries, "max_in_flight": self._max_in_flight,
         }
 
-    def submit(self, layer: LayerJobs, options: methods.JobOptions) -> None:
+    def submit(self, layer: LayerJobs, options: jobs.JobOptions) -> None:
         job_options = replace(options, device=self.job_device(options.device))
         stat_refs: dict[int, ray.ObjectRef] = {}  # one put per distinct statistic object of the layer
         for name, weight in layer.weights.items():

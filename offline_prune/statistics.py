@@ -1,23 +1,18 @@
 """Input statistics of the linears of one decoder layer, gathered with forward hooks.
 
 For every target linear: h = diag(X^T X) = sum over calibration tokens of x_j^2 (float32), and X^T X itself
-when a method needs it (SparseGPT). Linears fed by the same tensor (q/k/v; gate/up) share one statistic.
+when a method needs it (SparseGPT). Linears fed by the same tensor (q/k/v; gate/up: the architecture's
+``shared_inputs``, offline_prune.architectures) share one statistic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-# Linears of a decoder layer that receive the same input tensor: the first one present owns the statistic.
-SHARED_INPUTS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("mlp.gate_proj", "mlp.up_proj"),
-)
 
 
 @dataclass
@@ -43,11 +38,12 @@ class InputStats:
         self.tokens += x.shape[0]
 
 
-def owners(local_names: Iterable[str]) -> dict[str, str]:
-    """Map each linear (local name in the layer) to the linear whose statistic it uses."""
+def owners(local_names: Iterable[str], shared_inputs: Sequence[Sequence[str]]) -> dict[str, str]:
+    """Map each linear (local name in the layer) to the linear whose statistic it uses: the first one present of
+    its group in ``shared_inputs`` (groups of linears fed the same tensor)."""
     present = list(local_names)
     owner = {name: name for name in present}
-    for group in SHARED_INPUTS:
+    for group in shared_inputs:
         members = [n for n in group if n in owner]
         for n in members:
             owner[n] = members[0]
@@ -55,9 +51,9 @@ def owners(local_names: Iterable[str]) -> dict[str, str]:
 
 
 @contextmanager
-def collect_stats(linears: dict[str, nn.Linear], want_gram: bool):
+def collect_stats(linears: dict[str, nn.Linear], want_gram: bool, shared_inputs: Sequence[Sequence[str]]):
     """Hook the linears (keyed by local name); yield {local name: InputStats} filled by forwards."""
-    owner = owners(linears)
+    owner = owners(linears, shared_inputs)
     stats = {name: InputStats(linears[name].in_features, want_gram) for name in set(owner.values())}
     handles = [
         linears[name].register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))

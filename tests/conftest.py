@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled SmolLM2 folder, tiny random Llama / Qwen2 models, the shared data paths."""
+"""Shared fixtures: the bundled SmolLM2 folder, tiny random Llama / Qwen2 / Qwen3 / Mistral models, the shared data
+paths."""
 
 from __future__ import annotations
 
@@ -43,7 +44,17 @@ def smollm2_dir() -> Path:
 
 def save_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
     """A tiny random decoder model (real transformers classes, real tokenizer) saved as an HF folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(
@@ -56,6 +67,10 @@ def save_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0)
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))  # q/k/v carry a bias
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))  # q/k norm
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common))
     else:
         raise ValueError(arch)
     model = model.to(torch.bfloat16)
@@ -74,7 +89,17 @@ def tiny_qwen2(tmp_path_factory, smollm2_dir) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", smollm2_dir)
 
 
-E2E_PRUNE = dict(calib_samples=8, calib_seqlen=256, block_size=32, iters=30, seed=0)
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory, smollm2_dir) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, smollm2_dir) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", smollm2_dir)
+
+
+E2E_PRUNE = dict(calib_samples=8, calib_seqlen=256, seed=0, options=dict(block_size=32, iters=30))
 
 
 @pytest.fixture(scope="session")

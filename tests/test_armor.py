@@ -1,4 +1,4 @@
-"""Tests of the per-matrix ARMOR optimiser (offline_prune.armor): guarantee, format, exactness, determinism."""
+"""Tests of the per-matrix ARMOR optimiser (offline_prune.methods.armor): guarantee, format, exactness, determinism."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from offline_prune import armor
-from offline_prune.armor import armor_prune
+from offline_prune.methods import armor
+from offline_prune.methods.armor import armor_prune
 from offline_prune.proxy import normalize, nowag_p_mask, proxy_loss, proxy_scale
 from vllm_armor.checkpoint_format import block_diag_dense, mask_is_2of4
 from vllm_armor.kernels.blockdiag import armor_linear_dense_core

@@ -7,7 +7,10 @@ import logging
 import pytest
 import torch
 
-from offline_prune.baselines import magnitude_2of4, nowag_p_2of4, sparsegpt_2of4, wanda_2of4
+from offline_prune.methods.magnitude import magnitude_2of4
+from offline_prune.methods.nowag_p import nowag_p_2of4
+from offline_prune.methods.sparsegpt import sparsegpt_2of4
+from offline_prune.methods.wanda import wanda_2of4
 
 # Row 0 / row 1 of a 2x8 weight; groups are columns 0-3 and 4-7.
 W = torch.tensor([
@@ -223,7 +226,7 @@ def test_bf16_inputs_give_float32():
 def test_sparsegpt_bad_hessian(caplog):
     w = torch.ones(2, 4)
     # Slightly indefinite: the default dampening is not enough, ten times more is (logged).
-    with caplog.at_level(logging.WARNING, logger="offline_prune.baselines"):
+    with caplog.at_level(logging.WARNING, logger="offline_prune.methods.sparsegpt"):
         assert_2of4(*sparsegpt_2of4(w, torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05]))))
     assert "dampening" in caplog.text
     with pytest.raises(ValueError, match="not positive definite"):

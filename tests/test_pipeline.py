@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline_prune import methods
+from offline_prune import jobs
+from offline_prune.architectures import LLAMA_STYLE
 from offline_prune.armor_linear import ArmorLinear
 from offline_prune.checkpoint import load_model, read_safetensors
+from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
 from offline_prune.pipeline import PruneArgs, prune
 from offline_prune.statistics import collect_stats
@@ -22,7 +24,9 @@ from vllm_armor import checkpoint_format as fmt
 def tiny_args(model: Path, out: Path, c4: Path, method: str = "armor", **kw) -> PruneArgs:
     base = dict(calib=f"c4:{c4}", calib_samples=4, calib_seqlen=32, block_size=16, iters=20, optimizer="fast")
     base.update(kw)
-    return PruneArgs(model=str(model), out=str(out), method=method, **base)
+    method_options = get_method(method).select(base)  # as the CLI: options of other methods are ignored
+    generic = {k: v for k, v in base.items() if k not in {o.name for o in all_options()}}
+    return PruneArgs(model=str(model), out=str(out), method=method, options=method_options, **generic)
 
 
 def test_hooks_h_equals_direct_diag(tiny_llama):
@@ -32,7 +36,7 @@ def test_hooks_h_equals_direct_diag(tiny_llama):
     layer = model.model.layers[0]
     linears = {n: layer.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
     ids = torch.randint(0, 1000, (3, 17))
-    with collect_stats(linears, want_gram=True) as stats, torch.no_grad():
+    with collect_stats(linears, True, LLAMA_STYLE.shared_inputs) as stats, torch.no_grad():
         for row in ids:
             model(row[None], use_cache=False)
     x = layer.input_layernorm(model.model.embed_tokens(ids)).reshape(-1, 64)
@@ -56,10 +60,15 @@ def _dense_twin(model_dir: Path, out: Path):
     return dense.eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("method", methods.METHODS)
-def test_every_method_prunes_and_reloads(arch, method, tiny_llama, tiny_qwen2, c4_path, tmp_path):
-    model_dir = tiny_llama if arch == "llama" else tiny_qwen2
+# Every method on Llama and Qwen2 (qkv bias); ARMOR on Qwen3 (q/k norm) and Mistral (offline_prune.architectures).
+ARCH_METHODS = [(arch, m) for arch in ("llama", "qwen2") for m in method_names()] + [
+    ("qwen3", "armor"), ("mistral", "armor"),
+]
+
+
+@pytest.mark.parametrize(("arch", "method"), ARCH_METHODS)
+def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_path):
+    model_dir = request.getfixturevalue(f"tiny_{arch}")
     out = tmp_path / "out"
     report = prune(tiny_args(model_dir, out, c4_path, method))
     assert report["summary"]["linears"] == 14
@@ -78,8 +87,11 @@ def test_every_method_prunes_and_reloads(arch, method, tiny_llama, tiny_qwen2, c
         got = loaded(ids, use_cache=False).logits
         want = _dense_twin(model_dir, out)(ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(got).all()
     if arch == "qwen2":
         assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    if arch == "qwen3":
+        assert loaded.model.layers[0].self_attn.q_norm is not None
 
 
 def test_nowag_p_report_equals_its_init(tiny_llama, c4_path, tmp_path):
@@ -103,7 +115,7 @@ def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_pat
     full = tmp_path / "full"
     prune(tiny_args(tiny_llama, full, c4_path))
     resumed = tmp_path / "resumed"
-    real_run_job = methods.run_job
+    real_run_job = jobs.run_job
     calls = {"n": 0}
 
     def crash_on_sixth(*a, **k):
@@ -112,11 +124,11 @@ def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_pat
             raise KeyboardInterrupt
         return real_run_job(*a, **k)
 
-    monkeypatch.setattr(methods, "run_job", crash_on_sixth)
+    monkeypatch.setattr(jobs, "run_job", crash_on_sixth)
     with pytest.raises(KeyboardInterrupt):
         prune(tiny_args(tiny_llama, resumed, c4_path))
     assert len(list((resumed / ".progress").glob("*.safetensors"))) == 5
-    monkeypatch.setattr(methods, "run_job", real_run_job)
+    monkeypatch.setattr(jobs, "run_job", real_run_job)
     with pytest.raises(UserError, match="other arguments.*iters"):
         prune(tiny_args(tiny_llama, resumed, c4_path, iters=21))
     prune(tiny_args(tiny_llama, resumed, c4_path))

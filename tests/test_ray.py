@@ -18,23 +18,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline_prune import methods
+from offline_prune import jobs
 from offline_prune.cli import prune_main
+from offline_prune.methods import get_method
 from offline_prune.pipeline import PruneArgs, prune
 
 ray = pytest.importorskip("ray", reason="the 'distributed' extra (Ray) is not installed")
 
 from offline_prune.distributed import JobLostError, RayExecutor, RayOptions  # noqa: E402
 
-# ARMOR once offline_prune/armor.py exists; until then NoWag-P goes through the same jobs and pipeline.
-METHOD = "armor" if importlib.util.find_spec("offline_prune.armor") else "nowag-p"
+# ARMOR once offline_prune/methods/armor.py exists; until then NoWag-P goes through the same jobs and pipeline.
+METHOD = "armor" if importlib.util.find_spec("offline_prune.methods.armor") else "nowag-p"
 VICTIM = "model.layers.0.self_attn.o_proj"
 LAST = "model.layers.1.mlp.down_proj"
 
 
 def tiny_args(model: Path, out: Path, c4: Path, method: str = METHOD) -> PruneArgs:
+    options = get_method(method).select(dict(block_size=16, iters=20, optimizer="fast"))
     return PruneArgs(model=str(model), out=str(out), method=method, calib=f"c4:{c4}", calib_samples=4,
-                     calib_seqlen=32, block_size=16, iters=20, optimizer="fast", seed=3)
+                     calib_seqlen=32, seed=3, options=options)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def hanging_job(marks: Path, victim: str):
         if module == victim and not pid_file.exists():
             _write_atomic(pid_file, str(os.getpid()))
             time.sleep(120)
-        return methods.run_job(module, weight, stats, options)
+        return jobs.run_job(module, weight, stats, options)
 
     return job
 
@@ -99,7 +101,7 @@ def failing_job(victim: str):
     def job(module, weight, stats, options):
         if module == victim:
             raise ValueError(f"genuine failure in {module}")
-        return methods.run_job(module, weight, stats, options)
+        return jobs.run_job(module, weight, stats, options)
 
     return job
 

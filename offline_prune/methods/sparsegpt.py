@@ -1,75 +1,34 @@
-"""Baseline 2:4 pruning of one linear layer: magnitude, Wanda, NoWag-P and SparseGPT.
+"""SparseGPT 2:4 (Frantar & Alistarh 2023) of one linear layer.
 
-All functions take W (d_out x d_in, any float dtype) and return ``(W_hat, mask)``: W_hat float32, zero
-outside the boolean mask, which keeps exactly 2 of every 4 consecutive inputs of each row (2:4 along d_in).
-All math is float32. X (tokens x d_in) denotes the calibration inputs of the layer, h = diag(X^T X) and
-H = X^T X.
+Minimise ||X W^T - X W_hat^T||_F^2 row by row with OBS updates. With U the upper Cholesky factor of H^-1
+(H^-1 = U^T U), d_j = U_jj, columns are visited left to right; at the first column of every group of 4 the
+mask of that group is chosen by the OBS saliency w_ij^2 / d_j^2 (the 2 largest are kept; the saliencies use the
+weights already updated by the pruning of earlier columns). Pruning column j (w = W[:, j], q = w on the mask, 0
+elsewhere) costs (w - q)^2 / d_j^2 and is compensated exactly in the columns not yet visited by
 
-- magnitude:  keep the 2 largest |W_ij| per group; values unchanged.
-- Wanda:      keep the 2 largest |W_ij| * ||x_j||, ||x_j|| = sqrt(h_j) (Sun et al. 2023); values unchanged.
-- NoWag-P:    keep the 2 largest Wn_ij^2 h_j, Wn the NoWag-normalised W (see ``proxy``); values unchanged.
-- SparseGPT (Frantar & Alistarh 2023): minimise ||X W^T - X W_hat^T||_F^2 row by row with OBS updates. With
-  U the upper Cholesky factor of H^-1 (H^-1 = U^T U), d_j = U_jj, columns are visited left to right; at the
-  first column of every group of 4 the mask of that group is chosen by the OBS saliency w_ij^2 / d_j^2
-  (the 2 largest are kept; the saliencies use the weights already updated by the pruning of earlier columns).
-  Pruning column j (w = W[:, j], q = w on the mask, 0 elsewhere) costs (w - q)^2 / d_j^2 and is compensated
-  exactly in the columns not yet visited by
+    W[:, j:] -= ((w - q) / d_j) U[j, j:].
 
-      W[:, j:] -= ((w - q) / d_j) U[j, j:].
+The update is applied eagerly inside a block of ``blocksize`` columns and lazily, once per block, to the
+columns after it (one matmul with the block's errors), which gives the same result.
 
-  The update is applied eagerly inside a block of ``blocksize`` columns and lazily, once per block, to the
-  columns after it (one matmul with the block's errors), which gives the same result.
+Sequential, as in the paper: H comes from the model whose earlier layers are already pruned. Conventions of
+the baselines: offline_prune.methods._inputs.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from .proxy import clean_h, normalize, nowag_p_mask, top2_of_4_mask
+from offline_prune.methods import PruneOutput, PruningMethod
+from offline_prune.methods._inputs import Result, check_weight
+from offline_prune.proxy import top2_of_4_mask
+from offline_prune.statistics import InputStats
 
 log = logging.getLogger(__name__)
-
-Result = tuple[torch.Tensor, torch.Tensor]
-
-
-def _check_weight(weight: torch.Tensor) -> torch.Tensor:
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
-    if weight.shape[1] % 4:
-        raise ValueError(f"2:4 needs d_in divisible by 4, got d_in={weight.shape[1]}")
-    w = weight.detach().float()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight has non-finite entries")
-    return w
-
-
-def _check_h(h: torch.Tensor, d_in: int) -> torch.Tensor:
-    if tuple(h.shape) != (d_in,):
-        raise ValueError(f"h must have shape ({d_in},) = (d_in,), got {tuple(h.shape)}")
-    return h.detach().float()
-
-
-def magnitude_2of4(weight: torch.Tensor) -> Result:
-    w = _check_weight(weight)
-    mask = top2_of_4_mask(w.abs())
-    return w * mask, mask
-
-
-def wanda_2of4(weight: torch.Tensor, h: torch.Tensor) -> Result:
-    w = _check_weight(weight)
-    h = _check_h(h, w.shape[1])
-    norm = torch.nan_to_num(h, nan=0.0, posinf=0.0).clamp_min(0).sqrt()
-    mask = top2_of_4_mask(w.abs() * norm[None, :])
-    return w * mask, mask
-
-
-def nowag_p_2of4(weight: torch.Tensor, h: torch.Tensor) -> Result:
-    w = _check_weight(weight)
-    h = _check_h(h, w.shape[1])
-    mask = nowag_p_mask(normalize(w).weight, clean_h(h))
-    return w * mask, mask
 
 
 def _inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float, retries: int = 6) -> torch.Tensor:
@@ -97,7 +56,7 @@ def _inverse_cholesky_upper(hessian: torch.Tensor, percdamp: float, retries: int
 
 def sparsegpt_2of4(weight: torch.Tensor, hessian: torch.Tensor, *, blocksize: int = 128,
                    percdamp: float = 0.01) -> Result:
-    w = _check_weight(weight).clone()
+    w = check_weight(weight).clone()
     d_out, d_in = w.shape
     if tuple(hessian.shape) != (d_in, d_in):
         raise ValueError(f"hessian must be (d_in, d_in) = ({d_in}, {d_in}), got {tuple(hessian.shape)}")
@@ -141,3 +100,11 @@ def sparsegpt_2of4(weight: torch.Tensor, hessian: torch.Tensor, *, blocksize: in
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
     return w * mask, mask
+
+
+def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, options: Mapping[str, Any], seed: int,
+           device: str) -> PruneOutput:
+    return PruneOutput(*sparsegpt_2of4(weight, stats.gram.to(device)))
+
+
+METHOD = PruningMethod(name="sparsegpt", prune=_prune, order=30, sequential=True, needs_gram=True)

@@ -42,6 +42,9 @@ Guarantee (Theorem 3.1 of the paper, enforced here): every step (Adam, group upd
 would raise L in floating point is rejected, so the history never rises and the returned loss is at most
 NoWag-P's. Same seed, same device: same result. All math is float32 whatever the input dtype; every block
 is handled by batched tensor ops.
+
+Registry entry (offline_prune.methods): options block_size (per dimension the block is
+``largest_block_size(dim, block_size)``), optimizer and iters; the per-matrix seed is offline_prune.jobs.job_seed.
 """
 
 from __future__ import annotations
@@ -49,11 +52,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from offline_prune.methods import MethodOption, PruneOutput, PruningMethod
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_scale
+from offline_prune.statistics import InputStats
+from vllm_armor.checkpoint_format import ArmorFormatError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,19 @@ GROUP = 4
 PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
 TINY = 1e-30
+
+
+def largest_block_size(dim: int, requested: int) -> int:
+    """Largest divisor of ``dim`` that is a multiple of 4 and at most ``requested``.
+
+    The rule the pruner uses when ``requested`` does not divide a dimension (SmolLM2: 576 with 128 -> 96).
+    """
+    if requested < 1:
+        raise ArmorFormatError(f"block size must be positive, got {requested}")
+    for size in range(min(requested, dim), 0, -1):
+        if dim % size == 0 and size % GROUP == 0:
+            return size
+    raise ArmorFormatError(f"dimension {dim} has no divisor that is a multiple of 4 and <= {requested}")
 
 
 @dataclass
@@ -475,3 +496,30 @@ def armor_prune(
         history=history, init_loss=init * h_mean, final_loss=loss * h_mean, init_relative=history[0],
         final_relative=history[-1], iterations=len(history) - 1, seconds=seconds, elapsed=elapsed,
     )
+
+
+# ---------------------------------------------------------------- registry entry
+
+
+def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, options: Mapping[str, Any], seed: int,
+           device: str) -> PruneOutput:
+    d_out, d_in = weight.shape
+    bs_out = largest_block_size(d_out, options["block_size"])
+    bs_in = largest_block_size(d_in, options["block_size"])
+    res = armor_prune(
+        weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
+    )
+    return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations,
+                       {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"]})
+
+
+METHOD = PruningMethod(
+    name="armor", prune=_prune, order=0,
+    options=(
+        MethodOption("block_size", 128, int,
+                     "ARMOR block size; per dimension the largest divisor that is a multiple of 4 and <= this"),
+        MethodOption("optimizer", "fast", str, "ARMOR optimiser (fast: exact block steps; paper: Adam + sampling)",
+                     choices=OPTIMIZERS),
+        MethodOption("iters", 2000, int, "ARMOR iterations per matrix (paper: 20000)"),
+    ),
+)

@@ -1,0 +1,91 @@
+"""One pruning job: a registered method (offline_prune.methods) applied to one weight matrix, returned as ARMOR
+format tensors plus a report. Common to all methods: h cleaning, the per-matrix seed, packing, scoring, timing.
+
+Every method is scored with the same NoWag proxy loss (offline_prune.proxy) so their reports compare:
+`loss_init` is NoWag-P's (ARMOR's starting point), `loss_final` the method's own result.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from offline_prune.methods import PruneOutput, get_method
+from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_loss, proxy_scale
+from offline_prune.statistics import InputStats
+from vllm_armor import checkpoint_format as fmt
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What every job of a run shares; pickled to Ray workers (hence the options as sorted (name, value) pairs)."""
+
+    method: str
+    options: tuple[tuple[str, Any], ...]
+    seed: int
+    device: str
+
+    @classmethod
+    def create(cls, method: str, options: Mapping[str, Any], seed: int, device: str) -> JobOptions:
+        return cls(method, tuple(sorted(options.items())), seed, device)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass
+class JobResult:
+    tensors: dict[str, torch.Tensor]  # suffix -> tensor (core_values, core_meta[, armor_a, armor_b])
+    report: dict
+
+
+def job_seed(seed: int, module: str) -> int:
+    """Per-matrix seed: stable across runs and resumes, different for every matrix."""
+    return (seed * 1_000_003 + zlib.crc32(module.encode())) % (2**31)
+
+
+def _proxy(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> tuple[float, float, float]:
+    """(loss, relative loss, NoWag-P loss) of ``approx`` of ``weight`` in the normalised space."""
+    norm = normalize(weight)
+    wn = norm.weight
+    approx_n = approx.float() / norm.row_scale[:, None] / norm.col_scale[None, :]
+    scale = proxy_scale(wn, h)
+    loss = proxy_loss(approx_n, wn, h)
+    init = proxy_loss(wn * nowag_p_mask(wn, h), wn, h)
+    return float(loss), float(loss / scale), float(init)
+
+
+def _pack(out: PruneOutput) -> dict[str, torch.Tensor]:
+    tensors = {}
+    values, meta = fmt.pack_2to4(out.core.cpu(), out.mask.cpu())
+    tensors[fmt.CORE_VALUES], tensors[fmt.CORE_META] = values, meta
+    if out.a_blocks is not None:
+        tensors[fmt.ARMOR_A] = out.a_blocks.float().cpu().contiguous()
+        tensors[fmt.ARMOR_B] = out.b_blocks.float().cpu().contiguous()
+    return tensors
+
+
+def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options: JobOptions) -> JobResult:
+    start = time.perf_counter()
+    method = get_method(options.method)
+    w = weight.detach().float()
+    d_out, d_in = w.shape
+    h = clean_h(stats.h) if stats is not None else torch.ones(d_in)
+    w, h = w.to(options.device), h.to(options.device)
+    out = method.prune(w, stats, h, options.params, job_seed(options.seed, module), options.device)
+    report: dict = {"name": module, "shape": [d_out, d_in], "method": options.method, **out.report_extra}
+    tensors = _pack(out)
+    dense = fmt.reconstruct_weight(tensors)  # A @ core @ B, float32: only for the loss report
+    loss, rel, init = _proxy(w.cpu(), dense, h.cpu())
+    init_rel = init / float(proxy_scale(normalize(w.cpu()).weight, h.cpu()))
+    report.update(
+        loss_init=init, loss_init_relative=init_rel, loss_final=loss, loss_final_relative=rel,
+        iterations=out.iterations, seconds=round(time.perf_counter() - start, 3),
+    )
+    return JobResult(tensors, report)
