@@ -27,7 +27,7 @@ import time
 import torch
 from common import command_line, record
 
-from vllm_armor import checkpoint_format as fmt
+from offline_prune.methods.armor import largest_block_size
 
 log = logging.getLogger("bench.scaling")
 
@@ -69,7 +69,7 @@ def _sync(device: str) -> None:
 
 
 def time_shape(d_out: int, d_in: int, block: int, device: str, optimizer: str, n1: int, n2: int) -> dict:
-    b_out, b_in = fmt.largest_block_size(d_out, block), fmt.largest_block_size(d_in, block)
+    b_out, b_in = largest_block_size(d_out, block), largest_block_size(d_in, block)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(d_out, d_in, generator=gen).to(device) * 0.02
     h = torch.rand(d_in, generator=gen).to(device) + 0.1

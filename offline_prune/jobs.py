@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from offline_prune.methods import PruneOutput, get_method
+from offline_prune.methods import get_method
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_loss, proxy_scale
 from offline_prune.statistics import InputStats
 from vllm_armor import checkpoint_format as fmt
@@ -61,16 +61,6 @@ def _proxy(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> tuple
     return float(loss), float(loss / scale), float(init)
 
 
-def _pack(out: PruneOutput) -> dict[str, torch.Tensor]:
-    tensors = {}
-    values, meta = fmt.pack_2to4(out.core.cpu(), out.mask.cpu())
-    tensors[fmt.CORE_VALUES], tensors[fmt.CORE_META] = values, meta
-    if out.a_blocks is not None:
-        tensors[fmt.ARMOR_A] = out.a_blocks.float().cpu().contiguous()
-        tensors[fmt.ARMOR_B] = out.b_blocks.float().cpu().contiguous()
-    return tensors
-
-
 def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options: JobOptions) -> JobResult:
     start = time.perf_counter()
     method = get_method(options.method)
@@ -80,7 +70,7 @@ def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options
     w, h = w.to(options.device), h.to(options.device)
     out = method.prune(w, stats, h, options.params, job_seed(options.seed, module), options.device)
     report: dict = {"name": module, "shape": [d_out, d_in], "method": options.method, **out.report_extra}
-    tensors = _pack(out)
+    tensors = fmt.encode_linear(out.core, out.mask, out.a_blocks, out.b_blocks)
     dense = fmt.reconstruct_weight(tensors)  # A @ core @ B, float32: only for the loss report
     loss, rel, init = _proxy(w.cpu(), dense, h.cpu())
     init_rel = init / float(proxy_scale(normalize(w.cpu()).weight, h.cpu()))

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from offline_prune.methods.armor import largest_block_size
-from vllm_armor import checkpoint_format as cf
 from tools.fold import fold_checkpoint  # noqa: F401 - re-exported for the tests
+from vllm_armor import checkpoint_format as cf
 
 log = logging.getLogger("tests.armor_fixtures")
 

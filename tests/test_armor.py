@@ -10,8 +10,9 @@ import torch
 from offline_prune.methods import armor
 from offline_prune.methods.armor import armor_prune
 from offline_prune.proxy import normalize, nowag_p_mask, proxy_loss, proxy_scale
-from vllm_armor.checkpoint_format import block_diag_dense, mask_is_2of4
-from vllm_armor.kernels.blockdiag import armor_linear_dense_core
+from vllm_armor.blockdiag import blockdiag_dense
+from vllm_armor.checkpoint_format import mask_is_2of4
+from vllm_armor.kernels import factored_forward
 
 OPTIMIZERS = ("paper", "fast")
 
@@ -39,7 +40,7 @@ def _h(d_in: int, seed: int = 1, spread: float = 1.0) -> torch.Tensor:
 
 def _relative_of_result(w: torch.Tensor, h: torch.Tensor, res: armor.ArmorResult) -> float:
     """Relative proxy loss of the returned factors, recomputed from scratch in the normalised space."""
-    w_hat = block_diag_dense(res.a_blocks) @ res.core @ block_diag_dense(res.b_blocks)
+    w_hat = blockdiag_dense(res.a_blocks) @ res.core @ blockdiag_dense(res.b_blocks)
     norm = normalize(w)
     w_hat_n = w_hat / norm.row_scale[:, None] / norm.col_scale[None, :]
     return float(proxy_loss(w_hat_n, norm.weight, h) / proxy_scale(norm.weight, h))
@@ -82,8 +83,8 @@ def test_factors_match_the_module_forward(optimizer: str) -> None:
     assert res.a_blocks.shape == (3, 16, 16) and res.b_blocks.shape == (2, 32, 32)
     assert res.core.shape == w.shape and res.core.dtype == torch.float32
     x = torch.randn(7, 64)
-    y = armor_linear_dense_core(x, res.a_blocks, res.core, res.b_blocks, None)
-    w_hat = block_diag_dense(res.a_blocks) @ res.core @ block_diag_dense(res.b_blocks)
+    y = factored_forward(x, [res.core], [res.a_blocks], [res.b_blocks], None)
+    w_hat = blockdiag_dense(res.a_blocks) @ res.core @ blockdiag_dense(res.b_blocks)
     torch.testing.assert_close(y, x @ w_hat.T, rtol=1e-4, atol=1e-4)
     # A' core B' approximates W itself (normaliser folded in), better than the NoWag-P pruned W
     nowag = w * nowag_p_mask(normalize(w).weight, h)

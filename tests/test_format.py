@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from offline_prune.methods.armor import largest_block_size
+from offline_prune.models import UserError
 from offline_prune.proxy import top2_of_4_mask
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.blockdiag import blockdiag_dense
@@ -92,7 +93,7 @@ def test_largest_block_size_rule():
     assert largest_block_size(192, 128) == 96
     assert largest_block_size(1536, 128) == 128
     assert largest_block_size(576, 32) == 32
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="no divisor that is a multiple of 4"):
         largest_block_size(6, 128)
 
 

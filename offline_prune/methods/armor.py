@@ -59,14 +59,15 @@ from typing import Any
 import torch
 
 from offline_prune.methods import MethodOption, PruneOutput, PruningMethod
+from offline_prune.models import UserError
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_scale
 from offline_prune.statistics import InputStats
-from vllm_armor.checkpoint_format import ArmorFormatError
+from vllm_armor.blockdiag import blockdiag_left, blockdiag_right
+from vllm_armor.checkpoint_format import GROUP
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("fast", "paper")
-GROUP = 4
 # The 6 ways to keep 2 of 4.
 PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
@@ -79,11 +80,11 @@ def largest_block_size(dim: int, requested: int) -> int:
     The rule the pruner uses when ``requested`` does not divide a dimension (SmolLM2: 576 with 128 -> 96).
     """
     if requested < 1:
-        raise ArmorFormatError(f"block size must be positive, got {requested}")
+        raise UserError(f"--block-size must be positive, got {requested}")
     for size in range(min(requested, dim), 0, -1):
         if dim % size == 0 and size % GROUP == 0:
             return size
-    raise ArmorFormatError(f"dimension {dim} has no divisor that is a multiple of 4 and <= {requested}")
+    raise UserError(f"dimension {dim} has no divisor that is a multiple of 4 and <= --block-size {requested}")
 
 
 @dataclass
@@ -122,20 +123,7 @@ class _State:
         return _State(self.a.clone(), self.b.clone(), self.c.clone(), self.mask.clone())
 
 
-# ---------------------------------------------------------------- block-diagonal products
-
-
-def _left(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """blockdiag(a) @ x for x (n*bs, m)."""
-    n, bs, _ = a.shape
-    return torch.bmm(a, x.reshape(n, bs, -1)).reshape(x.shape)
-
-
-def _right(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x @ blockdiag(b) for x (m, n*bs)."""
-    n, bs, _ = b.shape
-    m = x.shape[0]
-    return torch.bmm(x.reshape(m, n, bs).transpose(0, 1), b).transpose(0, 1).reshape(m, n * bs)
+# ---------------------------------------------------------------- block-diagonal products (vllm_armor.blockdiag)
 
 
 def _t(blocks: torch.Tensor) -> torch.Tensor:
@@ -143,7 +131,7 @@ def _t(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _residual(p: _Problem, s: _State) -> torch.Tensor:
-    return _right(_left(s.a, s.c), s.b) - p.wn
+    return blockdiag_right(blockdiag_left(s.a, s.c), s.b) - p.wn
 
 
 def _loss(p: _Problem, r: torch.Tensor) -> float:
@@ -152,7 +140,7 @@ def _loss(p: _Problem, r: torch.Tensor) -> float:
 
 def _half_core_grad(s: _State, rh: torch.Tensor) -> torch.Tensor:
     """Q = A^T (R h) B^T, dense (d_out, d_in)."""
-    return _right(_left(_t(s.a), rh), _t(s.b))
+    return blockdiag_right(blockdiag_left(_t(s.a), rh), _t(s.b))
 
 
 # ---------------------------------------------------------------- exact group update
@@ -244,8 +232,8 @@ def _adam_grads(p: _Problem, s: _State, r: torch.Tensor) -> tuple[torch.Tensor, 
     """Gradients of the relative loss w.r.t. the blocks of A, B and the kept values of C."""
     (d_out, d_in), n_o, n_i = s.c.shape, s.a.shape[0], s.b.shape[0]
     g = r * (2.0 * p.h / p.scale)
-    cb = _right(s.c, s.b)
-    ac = _left(s.a, s.c)
+    cb = blockdiag_right(s.c, s.b)
+    ac = blockdiag_left(s.a, s.c)
     ga = torch.bmm(g.reshape(n_o, p.bo, d_in), cb.reshape(n_o, p.bo, d_in).transpose(1, 2))
     gb = torch.bmm(ac.reshape(d_out, n_i, p.bi).permute(1, 2, 0), g.reshape(d_out, n_i, p.bi).transpose(0, 1))
     gc = _half_core_grad(s, g) * s.mask
@@ -308,7 +296,7 @@ def _spd_solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 def _solve_a(p: _Problem, s: _State) -> torch.Tensor:
     n_o, d_in = s.a.shape[0], s.c.shape[1]
-    y = _right(s.c, s.b).reshape(n_o, p.bo, d_in)
+    y = blockdiag_right(s.c, s.b).reshape(n_o, p.bo, d_in)
     yh = y * p.h
     gram = torch.bmm(yh, y.transpose(1, 2))  # Y H Y^T
     rhs = torch.bmm(yh, p.wn.reshape(n_o, p.bo, d_in).transpose(1, 2))  # Y H Wn^T = (Wn H Y^T)^T
@@ -317,7 +305,7 @@ def _solve_a(p: _Problem, s: _State) -> torch.Tensor:
 
 def _solve_b(p: _Problem, s: _State) -> torch.Tensor:
     d_out, n_i = s.c.shape[0], s.b.shape[0]
-    z = _left(s.a, s.c).reshape(d_out, n_i, p.bi).transpose(0, 1)  # (nI, d_out, bi)
+    z = blockdiag_left(s.a, s.c).reshape(d_out, n_i, p.bi).transpose(0, 1)  # (nI, d_out, bi)
     wn = p.wn.reshape(d_out, n_i, p.bi).transpose(0, 1)
     return _spd_solve(torch.bmm(z.transpose(1, 2), z), torch.bmm(z.transpose(1, 2), wn))
 
@@ -339,7 +327,7 @@ def _cg_values(p: _Problem, s: _State, r: torch.Tensor, steps: int) -> torch.Ten
     d = res.clone()
     rr = _block_dot(p, res, res)
     for _ in range(steps):
-        kd = _left(ata, _right(d, bhb)) * s.mask
+        kd = blockdiag_left(ata, blockdiag_right(d, bhb)) * s.mask
         dkd = _block_dot(p, d, kd)
         alpha = torch.where(dkd > TINY, rr / dkd.clamp_min(TINY), torch.zeros_like(dkd))
         x += alpha * d
