@@ -94,6 +94,16 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
         assert loaded.model.layers[0].self_attn.q_norm is not None
 
 
+def test_method_options_defaults_and_unknown(tmp_path):
+    args = PruneArgs(model="m", out=str(tmp_path), method="armor", options={"iters": 5})
+    assert args.options == {"block_size": 128, "optimizer": "fast", "iters": 5}
+    assert PruneArgs(model="m", out=str(tmp_path), method="magnitude").run_key()["method"] == "magnitude"
+    with pytest.raises(UserError, match="'magnitude' has no option 'iters'"):
+        PruneArgs(model="m", out=str(tmp_path), method="magnitude", options={"iters": 5})
+    with pytest.raises(UserError, match="choose one of armor, nowag-p, wanda, sparsegpt, magnitude"):
+        PruneArgs(model="m", out=str(tmp_path), method="obs")
+
+
 def test_nowag_p_report_equals_its_init(tiny_llama, c4_path, tmp_path):
     report = prune(tiny_args(tiny_llama, tmp_path / "o", c4_path, "nowag-p"))
     for r in report["linears"]:
