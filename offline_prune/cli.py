@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def prune_main(argv: list[str] | None = None) -> int:
     )
 
     def run() -> int:
-        prune(args, overwrite=a.overwrite, executor=_executor(a))
+        command = shlex.join(["armor-prune", *(sys.argv[1:] if argv is None else argv)])
+        prune(args, overwrite=a.overwrite, executor=_executor(a), command=command)
         return 0
 
     return _guarded(run)

@@ -35,6 +35,7 @@ from offline_prune.checkpoint import checkpoint_state, dtype_of_config, write_ch
 from offline_prune.executor import Executor, Finished, LayerJobs, LocalExecutor
 from offline_prune.jobs import JobOptions
 from offline_prune.methods import PruningMethod, get_method
+from offline_prune.model_card import CARD_FILE, model_card
 from offline_prune.models import UserError, resolve_model
 from offline_prune.progress import Progress
 from offline_prune.statistics import collect_stats
@@ -130,20 +131,22 @@ def _job_options(args: PruneArgs) -> JobOptions:
 
 
 @torch.no_grad()
-def prune(args: PruneArgs, overwrite: bool = False, executor: Executor | None = None) -> dict:
+def prune(args: PruneArgs, overwrite: bool = False, executor: Executor | None = None,
+          command: str | None = None) -> dict:
     """Run the whole job; return the report (also written to OUT/armor_report.json).
 
     ``executor`` runs the per-matrix jobs (default: in this process; offline_prune.distributed.RayExecutor
-    for a Ray cluster). It is closed when the run ends.
+    for a Ray cluster). It is closed when the run ends. ``command`` is the command line for the model card
+    (README.md in OUT; None: the Python API).
     """
     executor = executor or LocalExecutor()
     try:
-        return _prune(args, overwrite, executor)
+        return _prune(args, overwrite, executor, command)
     finally:
         executor.close()
 
 
-def _prune(args: PruneArgs, overwrite: bool, executor: Executor) -> dict:
+def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | None) -> dict:
     skip = re.compile(args.skip) if args.skip else None
     out = Path(args.out)
     started = time.perf_counter()
@@ -170,8 +173,10 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor) -> dict:
     state = checkpoint_state(model, results, out_dtype)  # pruned weights are replaced by their cores
     quant = fmt.make_quant_config(args.method, args.options.get("block_size"), list(results))
     write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
-    report = _report(args, source, reports, time.perf_counter() - started, executor.describe())
+    size = fmt.footprint({k: fmt.info_of(v) for k, v in state.items()}, list(results))
+    report = _report(args, source, reports, time.perf_counter() - started, executor.describe(), size, command)
     (out / REPORT_FILE).write_text(_json(report))
+    (out / CARD_FILE).write_text(model_card(report))
     progress.finish()
     _log_summary(report, out)
     return report
@@ -256,7 +261,8 @@ def _packable(found: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
     return kept
 
 
-def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, executor: dict) -> dict:
+def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, executor: dict,
+            size: fmt.Footprint, command: str | None) -> dict:
     import transformers
 
     import offline_prune
@@ -272,6 +278,9 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, e
             "python": platform.python_version(),
         },
         "format_version": fmt.FORMAT_VERSION,
+        "command": command,
+        "calibration": {"data": args.calib or "self", "samples": args.calib_samples, "seqlen": args.calib_seqlen}
+        if args.pruning_method.needs_calibration else None,
         "executor": executor,
         "summary": {
             "linears": n,
@@ -279,6 +288,10 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, e
             "mean_loss_final_relative": sum(r["loss_final_relative"] for r in reports) / n,
             "job_seconds": round(sum(r["seconds"] for r in reports), 3),
             "wall_seconds": round(seconds, 3),
+            "ab_overhead": size.overhead,  # A+B parameters per kept core value
+            "checkpoint_bytes": size.checkpoint_bytes,
+            "dense_bytes": size.dense_bytes,  # pruned linears as dense weights in the model dtype
+            "bytes_ratio": size.bytes_ratio,
         },
         "linears": reports,
     }
@@ -302,3 +315,5 @@ def _log_summary(report: dict, out: Path) -> None:
              args["method"], s["mean_loss_final_relative"])
     for kind, values in sorted(by_kind.items()):
         log.info("  %-10s %.4f", kind, sum(values) / len(values))
+    log.info("A/B overhead %.4f parameters per kept value; weights %.3f GB = %.3fx dense", s["ab_overhead"],
+             s["checkpoint_bytes"] / 1e9, s["bytes_ratio"])

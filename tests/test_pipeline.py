@@ -13,7 +13,7 @@ import torch
 from offline_prune import jobs
 from offline_prune.architectures import LLAMA_STYLE
 from offline_prune.armor_linear import ArmorLinear
-from offline_prune.checkpoint import load_model, read_safetensors
+from offline_prune.checkpoint import load_model
 from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
 from offline_prune.pipeline import PruneArgs, prune
@@ -51,7 +51,7 @@ def _dense_twin(model_dir: Path, out: Path):
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = read_safetensors(out)
+    _, state = fmt.read_folder(out)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     for module in qc["pruned_modules"]:
         tensors = {s: state[fmt.tensor_name(module, s)] for s in fmt.TENSOR_SUFFIXES
@@ -115,10 +115,20 @@ def test_armor_beats_nowag_p_on_tiny_model(tiny_llama, c4_path, tmp_path):
     s = report["summary"]
     assert s["mean_loss_final_relative"] < 0.97 * s["mean_loss_init_relative"]
     assert {r["block_out"] for r in report["linears"]} <= {16}
+    # the model card (README.md) and the summary's sizes
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert s["ab_overhead"] > 0 and s["bytes_ratio"] == pytest.approx(s["checkpoint_bytes"] / s["dense_bytes"])
+    for needle in ("pruned to 2:4 with armor", "block_size=16", "| q_proj | 2 | 16x16 |", "A/B overhead",
+                   f"{s['ab_overhead']:.4f}", f"{s['bytes_ratio']:.3f}x", "perplexity | not evaluated",
+                   "4 windows of 32 tokens", "mean 100.0", "Python API",
+                   f"vllm serve {tmp_path / 'o'} --quantization armor"):
+        assert needle in card, (needle, card)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "armor_report.json"}
+    # armor_report.json holds timings and README.md names the output folder: all other files must be identical
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name not in ("armor_report.json", "README.md")}
 
 
 def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ the convention of `vllm_armor.kernels.blockdiag`: blocks[J] is the J-th diagonal
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -433,3 +434,43 @@ def read_headers(folder: Path) -> dict[str, TensorInfo]:
     for path in weight_files(folder):
         index.update(read_header(path))
     return index
+
+
+# ---------------------------------------------------------------------------------------------------
+# Size of a checkpoint against its dense model
+# ---------------------------------------------------------------------------------------------------
+
+
+def info_of(tensor: torch.Tensor) -> TensorInfo:
+    return TensorInfo(tuple(tensor.shape), tensor.dtype)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Parameter and byte counts of a checkpoint (from tensors' or headers' shapes and dtypes)."""
+
+    core_values: int  # kept values of all pruned linears
+    ab_params: int  # entries of all A and B blocks
+    checkpoint_bytes: int  # every tensor as stored
+    dense_bytes: int  # the same model with every pruned linear as a dense weight in its values' dtype
+
+    @property
+    def overhead(self) -> float:
+        """A and B parameters per kept core value."""
+        return self.ab_params / self.core_values if self.core_values else 0.0
+
+    @property
+    def bytes_ratio(self) -> float:
+        return self.checkpoint_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+
+def footprint(infos: Mapping[str, TensorInfo], pruned_modules: list[str]) -> Footprint:
+    def nbytes(info: TensorInfo) -> int:
+        return math.prod(info.shape) * info.dtype.itemsize
+
+    total = sum(nbytes(i) for i in infos.values())
+    armor = {tensor_name(m, s) for m in pruned_modules for s in TENSOR_SUFFIXES}
+    values = [infos[tensor_name(m, CORE_VALUES)] for m in pruned_modules if tensor_name(m, CORE_VALUES) in infos]
+    ab = [infos[tensor_name(m, s)] for m in pruned_modules for s in (ARMOR_A, ARMOR_B) if tensor_name(m, s) in infos]
+    dense = total - sum(nbytes(i) for n, i in infos.items() if n in armor) + sum(2 * nbytes(i) for i in values)
+    return Footprint(sum(math.prod(i.shape) for i in values), sum(math.prod(i.shape) for i in ab), total, dense)

@@ -3,6 +3,7 @@
 Imported only by `vllm_armor.register()` (vLLM's `vllm.general_plugins` entry point), never at package
 import. The format comes from `vllm_armor.checkpoint_format`, loading and dispatch from
 `vllm_armor.linear_method`, compute from `vllm_armor.kernels`.
+Every vLLM name used here and in `linear_method.py` is listed in `vllm_armor.vllm_api` (tested).
 """
 
 from __future__ import annotations
