@@ -80,7 +80,7 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
     loaded = load_model(out)
     pruned = [m for m in loaded.modules() if isinstance(m, ArmorLinear)]
     assert len(pruned) == 14
-    assert all((m.a_blocks is not None) == (method == "armor") for m in pruned)
+    assert all((m.blocks is not None) == (method == "armor") for m in pruned)
     # The whole model equals the dense model whose weights are A @ core @ B.
     ids = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
