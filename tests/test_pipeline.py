@@ -13,7 +13,7 @@ import torch
 from offline_prune import jobs
 from offline_prune.architectures import LLAMA_STYLE
 from offline_prune.armor_linear import ArmorLinear
-from offline_prune.checkpoint import load_model, read_safetensors
+from offline_prune.checkpoint import load_model
 from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
 from offline_prune.pipeline import PruneArgs, prune
@@ -51,7 +51,7 @@ def _dense_twin(model_dir: Path, out: Path):
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = read_safetensors(out)
+    _, state = fmt.read_folder(out)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     for module in qc["pruned_modules"]:
         tensors = {s: state[fmt.tensor_name(module, s)] for s in fmt.TENSOR_SUFFIXES
@@ -80,7 +80,7 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
     loaded = load_model(out)
     pruned = [m for m in loaded.modules() if isinstance(m, ArmorLinear)]
     assert len(pruned) == 14
-    assert all((m.a_blocks is not None) == (method == "armor") for m in pruned)
+    assert all((m.blocks is not None) == (method == "armor") for m in pruned)
     # The whole model equals the dense model whose weights are A @ core @ B.
     ids = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
