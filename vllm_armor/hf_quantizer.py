@@ -51,11 +51,13 @@ class ArmorSlot(nn.Module):
                 self.register_parameter(suffix, nn.Parameter(empty, requires_grad=False))
 
     def build(self, dtype: torch.dtype) -> ArmorLinear:
-        """The validated `ArmorLinear` computing in ``dtype``; a tensor not loaded, or cast, is an error."""
+        """The validated `ArmorLinear` computing in ``dtype``. A tensor not loaded, or loaded in a dtype other than
+        the stored one or ``dtype`` (transformers 4.x casts floating tensors to the model dtype: the cast the
+        factored kernel makes anyway), is an error."""
         tensors = {}
         for suffix, stored in self.stored.items():
             tensor = getattr(self, suffix).data
-            if tensor.is_meta or tensor.dtype != stored:
+            if tensor.is_meta or tensor.dtype not in (stored, dtype):
                 what = "was not loaded" if tensor.is_meta else f"was loaded as {tensor.dtype}, stored as {stored}"
                 raise fmt.ArmorFormatError(f"ARMOR tensor '{fmt.tensor_name(self.name, suffix)}' {what}")
             tensors[suffix] = tensor
