@@ -34,7 +34,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPAC
 
 def lm_eval(name: str, model: str, model_args: str, tasks: str) -> dict:
     """Run the lm_eval CLI; return {command, seconds, results of every task} from its results JSON."""
-    out = RESULTS / "lm_eval" / name
+    out = (RESULTS / "lm_eval" / name).relative_to(REPO)
     cmd = [str(BIN / "lm_eval"), "--model", model, "--model_args", model_args, "--tasks", tasks,
            "--include_path", TASKS_DIR, "--output_path", str(out)]
     t0 = time.monotonic()
@@ -44,6 +44,16 @@ def lm_eval(name: str, model: str, model_args: str, tasks: str) -> dict:
     shown = " ".join(c if "," not in c and " " not in c else f"'{c}'" for c in cmd)
     return {"command": shown.replace(str(BIN / "lm_eval"), "lm_eval"), "seconds": round(seconds, 1),
             "results": json.loads(newest.read_text())["results"]}
+
+
+def pruned_with(checkpoint: Path) -> str:
+    """How the checkpoint was pruned, from its armor_report.json (written by armor-prune)."""
+    report = checkpoint / "armor_report.json"
+    if not report.is_file():
+        return "an ARMOR checkpoint"
+    args = json.loads(report.read_text())["args"]
+    keys = ("method", "block_size", "iters", "optimizer", "calib_samples", "calib_seqlen")
+    return f"{args['model']} pruned with " + ", ".join(f"{k} {args[k]}" for k in keys if k in args)
 
 
 def figures(result: dict) -> str:
@@ -77,8 +87,8 @@ def main() -> int:
     rows = "\n".join(f"  - {name}: {figures(r)} ({r['seconds']:.0f} s): `{r['command']}`" for name, r in runs.items())
     line = (f"\n## lm-eval on the local task, dense vs ARMOR ({dt.date.today().isoformat()})\n\n- {machine}, "
             f"`{command}`, lm-eval {payload['lm_eval']}, vLLM CPU (bf16, eager), `{a.tasks}` "
-            f"(bench/lmeval, 40 questions); `armor_served` is `local-completions` against `vllm serve "
-            f"--quantization armor`:\n{rows}\n")
+            f"(bench/lmeval, 40 questions); ARMOR: {pruned_with(armor)}; `armor_served` is `local-completions` "
+            f"against `vllm serve --quantization armor`:\n{rows}\n")
     record("lm_eval_local", payload, line)
     return 0
 
