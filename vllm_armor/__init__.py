@@ -42,7 +42,8 @@ class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
         if name != _HF_QUANTIZERS:
             return None
         sys.meta_path.remove(self)
-        spec = next((s for f in sys.meta_path if (s := f.find_spec(name, path, target)) is not None), None)
+        finders = (f for f in sys.meta_path if hasattr(f, "find_spec"))
+        spec = next((s for f in finders if (s := f.find_spec(name, path, target)) is not None), None)
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
