@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from offline_prune.armor_linear import ArmorLinear
 from vllm_armor import checkpoint_format as fmt
+from vllm_armor.torch_module import require_armor_layers
 
 log = logging.getLogger(__name__)
 CONFIG_FILES = ("generation_config.json",)
@@ -65,38 +65,18 @@ def write_checkpoint(
 
 
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A dense HF folder or an ARMOR checkpoint as a transformers model (ARMOR layers as `ArmorLinear`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A dense HF folder or an ARMOR checkpoint as a transformers model, by `from_pretrained`: the ARMOR layers are
+    `ArmorLinear`s built by the quantizer `vllm_armor.hf_quantizer` (computing in ``dtype``). A checkpoint whose
+    ARMOR layers were not built, or with missing or unexpected tensors, is refused (ArmorFormatError)."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(folder)
-    if not fmt.is_armor_config(fmt.read_config(path)):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    config = AutoConfig.from_pretrained(path)
-    qc = fmt.validate_quant_config(config.quantization_config)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _, state = fmt.read_folder(path)
-    for module in qc["pruned_modules"]:
-        _install_armor_linear(model, module, state, dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    pruned = set(qc["pruned_modules"])
-    missing = [k for k in missing if k not in tied and k.rpartition(".")[0] not in pruned]
-    if missing or unexpected:
-        raise fmt.ArmorFormatError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-    model.tie_weights()
+    config = fmt.read_config(path)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    if fmt.is_armor_config(config):
+        require_armor_layers(model, fmt.validate_quant_config(config["quantization_config"])["pruned_modules"], path)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing or unexpected or info["mismatched_keys"]:
+        raise fmt.ArmorFormatError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}, "
+                                   f"mismatched {sorted(info['mismatched_keys'])[:5]}")
     return model.to(device).eval()
-
-
-def _install_armor_linear(model: nn.Module, module: str, state: dict[str, torch.Tensor], dtype) -> None:
-    try:
-        linear = model.get_submodule(module)
-    except AttributeError as err:
-        raise fmt.ArmorFormatError(f"pruned module {module!r} does not exist in the model") from err
-    tensors = fmt.linear_tensors(state, module)
-    for suffix in tensors:
-        del state[fmt.tensor_name(module, suffix)]
-    fmt.validate_linear(module, tensors, expected_shape=(linear.out_features, linear.in_features))
-    bias = state.pop(f"{module}.bias", None)
-    parent_name, _, child = module.rpartition(".")
-    model.get_submodule(parent_name).register_module(child, ArmorLinear(tensors, bias, dtype))
