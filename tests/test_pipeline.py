@@ -12,13 +12,13 @@ import torch
 
 from offline_prune import jobs
 from offline_prune.architectures import LLAMA_STYLE
-from offline_prune.armor_linear import ArmorLinear
 from offline_prune.checkpoint import load_model
 from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
 from offline_prune.pipeline import PruneArgs, prune
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
+from vllm_armor.torch_module import ArmorLinear
 
 
 def tiny_args(model: Path, out: Path, c4: Path, method: str = "armor", **kw) -> PruneArgs:
