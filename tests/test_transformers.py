@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import armor_fixtures as af
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,15 +41,22 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_import_registers_the_quantizer_when_transformers_loads():
-    out = _run("""
-        import sys, vllm_armor
-        assert "transformers" not in sys.modules
+@pytest.mark.parametrize("first", ["vllm_armor", "vllm_armor.hf_quantizer", "transformers.quantizers"])
+def test_import_registers_the_quantizer_in_any_order(first):
+    out = _run(f"""
+        import {first}
+        import vllm_armor
         from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
         print(AUTO_QUANTIZER_MAPPING["armor"].__name__)
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ArmorHfQuantizer"
+    assert "cannot register" not in out.stderr
+
+
+def test_package_import_loads_no_transformers():
+    out = _run("import sys, vllm_armor; print('transformers' in sys.modules, 'vllm' in sys.modules)")
+    assert out.stdout.strip() == "False False", out.stderr
 
 
 def test_unregistered_quantizer_builds_plain_linears_and_loaders_refuse(armor_tiny_qwen2, tmp_path):

@@ -25,14 +25,15 @@ def register() -> None:
 
 
 def register_transformers() -> None:
-    """Register the `armor` quantizer with transformers (idempotent); a transformers without third-party quantizers
-    is logged, and loaders then refuse ARMOR checkpoints (`torch_module.require_armor_layers`)."""
+    """Register the `armor` quantizer with transformers (idempotent): importing `vllm_armor.hf_quantizer` does it. A
+    transformers without third-party quantizers is logged, and loaders then refuse ARMOR checkpoints
+    (`torch_module.require_armor_layers`)."""
+    if "vllm_armor.hf_quantizer" in sys.modules:
+        return  # imported already, or being imported right now: it registers itself at its end
     try:
-        from vllm_armor.hf_quantizer import register as register_hf
+        import vllm_armor.hf_quantizer  # noqa: F401 - registers on import
     except ImportError as err:
         log.warning("vllm_armor: transformers cannot register the 'armor' quantizer (%s)", err)
-        return
-    register_hf()
 
 
 class _RegisterWithTransformers(importlib.abc.MetaPathFinder):

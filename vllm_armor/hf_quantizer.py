@@ -52,12 +52,11 @@ class ArmorSlot(nn.Module):
 
     def build(self, dtype: torch.dtype) -> ArmorLinear:
         """The validated `ArmorLinear` computing in ``dtype``. A tensor not loaded, or loaded in a dtype other than
-        the stored one or ``dtype`` (transformers 4.x casts floating tensors to the model dtype: the cast the
-        factored kernel makes anyway), is an error."""
+        the stored one (types are checked, never cast on the way in), is an error."""
         tensors = {}
         for suffix, stored in self.stored.items():
             tensor = getattr(self, suffix).data
-            if tensor.is_meta or tensor.dtype not in (stored, dtype):
+            if tensor.is_meta or tensor.dtype != stored:
                 what = "was not loaded" if tensor.is_meta else f"was loaded as {tensor.dtype}, stored as {stored}"
                 raise fmt.ArmorFormatError(f"ARMOR tensor '{fmt.tensor_name(self.name, suffix)}' {what}")
             tensors[suffix] = tensor
@@ -72,7 +71,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _headers(model: nn.Module, checkpoint_files: Sequence[str] | None) -> dict[str, fmt.TensorInfo]:
-    """Tensor headers of the checkpoint being loaded: transformers >= 5 passes its files, 4.x only the folder."""
+    """Tensor headers of the checkpoint being loaded (the files transformers passes, else the model's folder)."""
     if not checkpoint_files:
         return fmt.read_headers(Path(model.config._name_or_path))
     headers: dict[str, fmt.TensorInfo] = {}
@@ -94,8 +93,6 @@ class ArmorHfQuantizer(HfQuantizer):
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         self.dtype = dtype  # the compute dtype of the ARMOR layers
         return dtype
-
-    update_torch_dtype = update_dtype  # its name in transformers 4.x
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Sequence[str] | None = None, **kwargs):
         headers = _headers(model, checkpoint_files)
@@ -130,3 +127,6 @@ def register() -> None:
         return
     register_quantization_config(fmt.QUANT_METHOD)(ArmorQuantizationConfig)
     register_quantizer(fmt.QUANT_METHOD)(ArmorHfQuantizer)
+
+
+register()  # importing this module registers it (`vllm_armor.register_transformers` imports it)
