@@ -26,6 +26,7 @@ from common import BIN, REPO, RESULTS, command_line, record, run
 
 from offline_prune.models import resolve_model
 from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
+from vllm_armor import checkpoint_format as fmt
 
 TASKS_DIR = "bench/lmeval"
 VLLM_ARGS = "enforce_eager=True,max_model_len=2048"  # short CPU start-up
@@ -47,13 +48,17 @@ def lm_eval(name: str, model: str, model_args: str, tasks: str) -> dict:
 
 
 def pruned_with(checkpoint: Path) -> str:
-    """How the checkpoint was pruned, from its armor_report.json (written by armor-prune)."""
+    """How the checkpoint was pruned (its armor_report.json) and what it costs (its safetensors headers)."""
+    pruned = fmt.read_config(checkpoint)["quantization_config"]["pruned_modules"]
+    size = fmt.footprint(fmt.read_headers(checkpoint), pruned)
+    cost = (f"weight bytes {size.checkpoint_bytes / 1e9:.3f} GB = {size.bytes_ratio:.3f}x dense, "
+            f"A+B params / core values {size.overhead:.3f}")
     report = checkpoint / "armor_report.json"
     if not report.is_file():
-        return "an ARMOR checkpoint"
+        return f"an ARMOR checkpoint ({cost})"
     args = json.loads(report.read_text())["args"]
     keys = ("method", "block_size", "iters", "optimizer", "calib_samples", "calib_seqlen")
-    return f"{args['model']} pruned with " + ", ".join(f"{k} {args[k]}" for k in keys if k in args)
+    return f"{args['model']} pruned with " + ", ".join(f"{k} {args[k]}" for k in keys if k in args) + f" ({cost})"
 
 
 def figures(result: dict) -> str:
