@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -142,6 +143,9 @@ def _eval_ppl(a: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     windows, split_tokens = test_windows(Path(a.data), tokenizer, a.ctx_len, a.max_windows)
     result = perplexity(model, windows, device)
+    if not math.isfinite(result["ppl"]):
+        raise UserError(f"{a.model_dir}: perplexity on {a.data} is not finite ({result['ppl']}): the model produced "
+                        "NaN/Inf logits; not reported")
     line = {"ppl": round(result["ppl"], 4), "ctx_len": a.ctx_len, "windows": int(windows.shape[0]),
             "tokens": result["tokens"], "split_tokens": split_tokens, "model": str(a.model_dir)}
     sys.stdout.write(json.dumps(line) + "\n")

@@ -71,6 +71,7 @@ def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options
     out = method.prune(w, stats, h, options.params, job_seed(options.seed, module), options.device)
     report: dict = {"name": module, "shape": [d_out, d_in], "method": options.method, **out.report_extra}
     tensors = fmt.encode_linear(out.core, out.mask, out.a_blocks, out.b_blocks)
+    fmt.validate_linear(module, tensors, expected_shape=(d_out, d_in))  # never save a non-finite result
     dense = fmt.reconstruct_weight(tensors)  # A @ core @ B, float32: only for the loss report
     loss, rel, init = _proxy(w.cpu(), dense, h.cpu())
     init_rel = init / float(proxy_scale(normalize(w.cpu()).weight, h.cpu()))

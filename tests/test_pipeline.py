@@ -192,3 +192,38 @@ def test_cli_unreadable_calibration(tmp_path, tiny_llama):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
     _assert_one_line_error(_cli(str(tiny_llama), out, "--calib", f"c4:{bad}"), "bad.jsonl:2")
+
+
+def test_pruner_refuses_to_save_a_non_finite_result(tiny_llama, c4_path, tmp_path, monkeypatch):
+    import dataclasses
+
+    import offline_prune.jobs
+
+    def nan_core(weight, *args):
+        out = get_method("magnitude").prune(weight, *args)
+        out.core[0, out.mask[0].nonzero()[0]] = float("nan")
+        return out
+
+    broken = dataclasses.replace(get_method("magnitude"), prune=nan_core)
+    monkeypatch.setattr(offline_prune.jobs, "get_method", lambda name: broken)
+    out = tmp_path / "o"
+    with pytest.raises(fmt.ArmorFormatError, match=r"model\.layers\.0\.self_attn\.q_proj\.core_values': contains NaN"):
+        prune(tiny_args(tiny_llama, out, c4_path, method="magnitude"))
+    assert not list((out / ".progress").glob("*.safetensors"))  # nothing non-finite was saved
+
+
+def test_eval_refuses_a_non_finite_perplexity(tiny_llama, wikitext_path, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan-model"
+    shutil.copytree(tiny_llama, folder)
+    state = load_file(folder / "model.safetensors")
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    code = "import sys; from offline_prune.cli import eval_main; sys.exit(eval_main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "ppl", str(folder), "--data", str(wikitext_path), "--ctx-len",
+                           "64", "--max-windows", "2"], capture_output=True, text=True, timeout=300)
+    _assert_one_line_error(proc, "is not finite")
+    assert proc.stdout == ""
