@@ -68,6 +68,17 @@ def figures(result: dict) -> str:
     return "; ".join(parts)
 
 
+def write_task_data() -> Path:
+    """The local task's JSON lines (from bench/lmeval/questions.py) where armor_local_mc.yaml reads them."""
+    sys.path.insert(0, str(REPO / TASKS_DIR))
+    from questions import QUESTIONS
+
+    path = RESULTS / "lmeval" / "armor_local_mc.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="ARMOR checkpoint folder")
@@ -76,6 +87,7 @@ def main() -> int:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.chdir(REPO)  # the task's data_files are relative to the repository root
+    write_task_data()
     dense, armor = resolve_model(a.dense), a.checkpoint.resolve()
     runs = {
         "dense": lm_eval("dense", "vllm", f"pretrained={dense},{VLLM_ARGS}", a.tasks),

@@ -26,8 +26,7 @@ def _blocks(group: list[dict]) -> str:
 def model_card(report: dict) -> str:
     """Markdown model card: base model, method, blocks and overhead, calibration, iterations, losses, command."""
     args, s, linears = report["args"], report["summary"], report["linears"]
-    generic = {"model", "out", "method", "calib", "calib_samples", "calib_seqlen", "seed", "skip", "device"}
-    options = {k: v for k, v in args.items() if k not in generic}
+    options = report["method_options"]
     calib = report.get("calibration")
     calib_text = (f"{calib['data']}, {calib['samples']} windows of {calib['seqlen']} tokens (seed {args['seed']})"
                   if calib else "none (the method uses no calibration data)")

@@ -270,6 +270,7 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, e
     n = len(reports)
     return {
         "args": args.flat(),
+        "method_options": dict(args.options),
         "source": source,
         "versions": {
             "vllm_armor": offline_prune.__version__,
