@@ -27,9 +27,12 @@ def dtype_of_config(config) -> torch.dtype:
 
 
 def checkpoint_state(
-    model: nn.Module, pruned: Mapping[str, Mapping[str, torch.Tensor]], out_dtype: torch.dtype
+    model: nn.Module, pruned: Mapping[str, Mapping[str, torch.Tensor]], out_dtype: torch.dtype,
+    ab_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tensors of the output checkpoint: dense ones in ``out_dtype``, pruned linears in ARMOR format."""
+    """Tensors of the output checkpoint: dense ones in ``out_dtype``, pruned linears in ARMOR format (core
+    values in ``out_dtype``, A and B in ``ab_dtype``, default ``out_dtype``)."""
+    ab_dtype = ab_dtype or out_dtype
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
@@ -42,7 +45,7 @@ def checkpoint_state(
         state[name] = tensor.detach().to("cpu", out_dtype if tensor.is_floating_point() else tensor.dtype)
     for module, tensors in pruned.items():
         for suffix, tensor in tensors.items():
-            dtype = out_dtype if suffix == fmt.CORE_VALUES else tensor.dtype
+            dtype = {fmt.CORE_VALUES: out_dtype, fmt.ARMOR_A: ab_dtype, fmt.ARMOR_B: ab_dtype}.get(suffix, tensor.dtype)
             state[fmt.tensor_name(module, suffix)] = tensor.to("cpu", dtype)
     return {k: v.contiguous() for k, v in sorted(state.items())}
 

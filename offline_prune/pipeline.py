@@ -170,10 +170,13 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
     for name in names:  # from OUT/.progress, in model order: the same bytes however the jobs ran
         results[name], report = progress.load(name)
         reports.append(report)
-    state = checkpoint_state(model, results, out_dtype)  # pruned weights are replaced by their cores
-    quant = fmt.make_quant_config(args.method, args.options.get("block_size"), list(results))
-    write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
+    ab_dtype = torch.float32 if args.options.get("ab_dtype") == "float32" else out_dtype
+    state = checkpoint_state(model, results, out_dtype, ab_dtype)  # pruned weights are replaced by their cores
     size = fmt.footprint({k: fmt.info_of(v) for k, v in state.items()}, list(results))
+    quant = fmt.make_quant_config(args.method, args.options.get("block_size"), list(results),
+                                  args.options.get("max_overhead") if args.options.get("block_size") == "auto"
+                                  else None, size)
+    write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
     report = _report(args, source, reports, time.perf_counter() - started, executor.describe(), size, command)
     (out / REPORT_FILE).write_text(_json(report))
     (out / CARD_FILE).write_text(model_card(report))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offline_prune.methods.armor import largest_block_size
+from offline_prune.methods.armor import ab_overhead, auto_block_sizes, block_size_arg, largest_block_size
 from offline_prune.models import UserError
 from offline_prune.proxy import top2_of_4_mask
 from vllm_armor import checkpoint_format as fmt
@@ -95,6 +95,39 @@ def test_largest_block_size_rule():
     assert largest_block_size(576, 32) == 32
     with pytest.raises(UserError, match="no divisor that is a multiple of 4"):
         largest_block_size(6, 128)
+
+
+SMOLLM2 = {(576, 576): (16, 16), (192, 576): (8, 8), (1536, 576): (24, 24), (576, 1536): (24, 24)}
+LLAMA2_7B = {(4096, 4096): (128, 128), (11008, 4096): (172, 128), (4096, 11008): (128, 172)}
+
+
+@pytest.mark.parametrize("shape,blocks", [*SMOLLM2.items(), *LLAMA2_7B.items()])
+def test_auto_block_size_keeps_the_overhead_budget(shape, blocks):
+    d_out, d_in = shape
+    assert auto_block_sizes(d_out, d_in, 0.125) == blocks
+    assert ab_overhead(d_out, d_in, *blocks) <= 0.125
+    # the largest such size: one step up in either dimension breaks the budget or the tiling
+    bo, bi = blocks
+    for up in range(max(bo, bi) + 1, max(bo, bi) + 64):
+        if d_out % up == 0 and d_in % up == 0 and up % 4 == 0:
+            assert ab_overhead(d_out, d_in, up, up) > 0.125
+    # a bigger budget never gives smaller blocks; every size divides its dimension
+    last = (0, 0)
+    for budget in (0.03, 0.06, 0.125, 0.25, 0.5):
+        bo, bi = auto_block_sizes(d_out, d_in, budget)
+        assert d_out % bo == 0 and d_in % bi == 0 and ab_overhead(d_out, d_in, bo, bi) <= budget
+        assert (bo, bi) >= last
+        last = (bo, bi)
+
+
+def test_block_size_flag_and_budget_errors():
+    assert block_size_arg("auto") == "auto" and block_size_arg("AUTO") == "auto" and block_size_arg("96") == 96
+    with pytest.raises(UserError, match="--block-size must be 'auto' or an integer"):
+        block_size_arg("big")
+    with pytest.raises(UserError, match="--max-overhead must be positive"):
+        auto_block_sizes(576, 576, 0)
+    with pytest.raises(UserError, match="even diagonal A and B"):
+        auto_block_sizes(576, 576, 1e-4)
 
 
 def test_quant_config_validation():

@@ -96,7 +96,8 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
 
 def test_method_options_defaults_and_unknown(tmp_path):
     args = PruneArgs(model="m", out=str(tmp_path), method="armor", options={"iters": 5})
-    assert args.options == {"block_size": 128, "optimizer": "fast", "iters": 5}
+    assert args.options == {"block_size": "auto", "max_overhead": 0.125, "ab_dtype": "model", "optimizer": "fast",
+                            "iters": 5}
     assert PruneArgs(model="m", out=str(tmp_path), method="magnitude").run_key()["method"] == "magnitude"
     with pytest.raises(UserError, match="'magnitude' has no option 'iters'"):
         PruneArgs(model="m", out=str(tmp_path), method="magnitude", options={"iters": 5})
@@ -123,6 +124,34 @@ def test_armor_beats_nowag_p_on_tiny_model(tiny_llama, c4_path, tmp_path):
                    "4 windows of 32 tokens", "mean 100.0", "Python API",
                    f"vllm serve {tmp_path / 'o'} --quantization armor"):
         assert needle in card, (needle, card)
+
+
+@pytest.mark.parametrize("ab_dtype", ["model", "float32"])
+def test_auto_blocks_cost_and_ab_dtype_round_trip(tiny_llama, c4_path, tmp_path, ab_dtype):
+    """--block-size auto keeps A+B within --max-overhead; A and B are stored in the chosen dtype, the report and
+    config.json record the cost, and the model loads back computing what the progress tensors say."""
+    out = tmp_path / "o"
+    report = prune(tiny_args(tiny_llama, out, c4_path, "armor", iters=3, block_size="auto", max_overhead=0.1,
+                             ab_dtype=ab_dtype))
+    for r in report["linears"]:
+        d_out, d_in = r["shape"]
+        assert r["ab_overhead"] <= 0.1 and r["ab_overhead"] == pytest.approx(
+            (d_out * r["block_out"] + d_in * r["block_in"]) / (d_out * d_in / 2), abs=1e-6)
+    s = report["summary"]
+    assert 0 < s["ab_overhead"] <= 0.1
+    cfg = json.loads((out / "config.json").read_text())
+    quant = cfg["quantization_config"]
+    assert quant["block_size"] == "auto" and quant["max_overhead"] == 0.1
+    assert quant["cost"]["bytes_ratio"] == pytest.approx(s["bytes_ratio"], abs=1e-6)
+    assert quant["cost"]["weight_bytes"] == s["checkpoint_bytes"]
+    headers = fmt.read_headers(out)
+    want = torch.float32 if ab_dtype == "float32" else getattr(torch, cfg["dtype"])
+    ab = {info.dtype for name, info in headers.items() if name.endswith((".armor_a", ".armor_b"))}
+    assert ab == {want}
+    model = load_model(out)
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, use_cache=False).logits).all()
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -6,8 +6,8 @@ A pruned linear ``P`` (weight W of shape d_out x d_in) is stored as
 
     P.core_values  (d_out, d_in // 2)              model dtype   the 2 kept values of each group of 4
     P.core_meta    (d_out, d_in // 8)              uint8         4-bit keep-mask per group, 2 groups a byte
-    P.armor_a      (d_out // bs_out, bs_out, bs_out) float32     block-diagonal A (optional)
-    P.armor_b      (d_in // bs_in, bs_in, bs_in)   float32       block-diagonal B (optional)
+    P.armor_a      (d_out // bs_out, bs_out, bs_out) float       block-diagonal A (optional; model dtype or float32)
+    P.armor_b      (d_in // bs_in, bs_in, bs_in)   float       block-diagonal B (optional; as A)
     P.bias         (d_out,)                        model dtype   unchanged (optional)
 
 and computes y = A (core (B x)) + bias. Group g of a row covers inputs 4g..4g+3; its nibble has bit k
@@ -48,7 +48,9 @@ QUANT_CONFIG_KEYS = {
     "format_version": True,
     "sparsity": True,
     "method": False,  # which pruning method produced the checkpoint (informational)
-    "block_size": False,  # the requested block size (actual sizes come from tensor shapes)
+    "block_size": False,  # the requested block size, or "auto" (actual sizes come from tensor shapes)
+    "max_overhead": False,  # with block_size "auto": the A+B budget per kept core value (informational)
+    "cost": False,  # ab_overhead, weight_bytes, dense_bytes, bytes_ratio of the checkpoint (informational)
     "pruned_modules": True,  # full names of the pruned linear layers
 }
 
@@ -313,8 +315,9 @@ def validate_quant_config(cfg: Mapping) -> dict:
     return dict(cfg)
 
 
-def make_quant_config(method: str, block_size: int | None, pruned_modules: list[str]) -> dict:
-    return {
+def make_quant_config(method: str, block_size: int | str | None, pruned_modules: list[str],
+                      max_overhead: float | None = None, cost: Footprint | None = None) -> dict:
+    cfg = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "sparsity": SPARSITY,
@@ -322,6 +325,11 @@ def make_quant_config(method: str, block_size: int | None, pruned_modules: list[
         "block_size": block_size,
         "pruned_modules": sorted(pruned_modules),
     }
+    if max_overhead is not None:
+        cfg["max_overhead"] = max_overhead
+    if cost is not None:
+        cfg["cost"] = cost.as_dict()
+    return cfg
 
 
 def is_armor_config(config: Mapping) -> bool:
@@ -462,6 +470,11 @@ class Footprint:
     @property
     def bytes_ratio(self) -> float:
         return self.checkpoint_bytes / self.dense_bytes if self.dense_bytes else 0.0
+
+    def as_dict(self) -> dict:
+        """What the report and config.json record: A+B per kept value, weight bytes vs the dense model."""
+        return {"ab_overhead": round(self.overhead, 6), "weight_bytes": self.checkpoint_bytes,
+                "dense_bytes": self.dense_bytes, "bytes_ratio": round(self.bytes_ratio, 6)}
 
 
 def footprint(infos: Mapping[str, TensorInfo], pruned_modules: list[str]) -> Footprint:

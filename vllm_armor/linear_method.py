@@ -128,8 +128,17 @@ class ArmorLinearMethod(LinearMethodBase):
         if layout.has_ab:
             a_numel = sum(s.rows * s.block_out for s in layout.shards)
             b_numel = sum(cols * s.block_in for s in layout.shards)
-            self._add_param(layer, fmt.ARMOR_A, torch.empty(a_numel, dtype=torch.float32))
-            self._add_param(layer, fmt.ARMOR_B, torch.empty(b_numel, dtype=torch.float32))
+            ab_dtype = self._ab_dtype()
+            self._add_param(layer, fmt.ARMOR_A, torch.empty(a_numel, dtype=ab_dtype))
+            self._add_param(layer, fmt.ARMOR_B, torch.empty(b_numel, dtype=ab_dtype))
+
+    def _ab_dtype(self) -> torch.dtype:
+        """The one dtype A and B of every shard are stored in (model dtype or float32), from the headers."""
+        found = {(m, s): self._headers(m)[s].dtype for m in self.shard_modules for s in (fmt.ARMOR_A, fmt.ARMOR_B)}
+        if len(set(found.values())) != 1:
+            listed = ", ".join(f"{fmt.tensor_name(m, s)} {d}" for (m, s), d in found.items())
+            raise ArmorFormatError(f"layer '{self.prefix}': A and B must share one dtype across shards ({listed})")
+        return next(iter(found.values()))
 
     def _add_param(self, layer: torch.nn.Module, suffix: str, data: torch.Tensor) -> None:
         def loader(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:

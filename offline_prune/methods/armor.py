@@ -43,8 +43,10 @@ would raise L in floating point is rejected, so the history never rises and the 
 NoWag-P's. Same seed, same device: same result. All math is float32 whatever the input dtype; every block
 is handled by batched tensor ops.
 
-Registry entry (offline_prune.methods): options block_size (per dimension the block is
-``largest_block_size(dim, block_size)``), optimizer and iters; the per-matrix seed is offline_prune.jobs.job_seed.
+Registry entry (offline_prune.methods): options block_size (``auto``: per matrix the largest block whose A and B
+hold at most max_overhead x the core's kept values, `auto_block_sizes`; N: per dimension
+``largest_block_size(dim, N)``), max_overhead, ab_dtype (how the checkpoint stores A and B), optimizer and
+iters; the per-matrix seed is offline_prune.jobs.job_seed.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ OPTIMIZERS = ("fast", "paper")
 PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
 TINY = 1e-30
+AUTO = "auto"
+AB_DTYPES = ("model", "float32")  # how A and B are stored: in the model dtype, or float32
 
 
 def largest_block_size(dim: int, requested: int) -> int:
@@ -85,6 +89,52 @@ def largest_block_size(dim: int, requested: int) -> int:
         if dim % size == 0 and size % GROUP == 0:
             return size
     raise UserError(f"dimension {dim} has no divisor that is a multiple of 4 and <= --block-size {requested}")
+
+
+def ab_overhead(d_out: int, d_in: int, block_out: int, block_in: int) -> float:
+    """A+B parameters per kept value of the 2:4 core: (d_out bo + d_in bi) / (d_out d_in / 2)."""
+    return (d_out * block_out + d_in * block_in) / (d_out * d_in / 2)
+
+
+def _fit(dim: int, size: int) -> int:
+    """Largest divisor of ``dim`` <= ``size``, a multiple of 4 when one exists (4 and up), else any divisor."""
+    for cand in range(min(size, dim), 0, -1):
+        if dim % cand == 0 and (cand % GROUP == 0 or cand < GROUP):
+            return cand
+    return 1
+
+
+def auto_block_sizes(d_out: int, d_in: int, max_overhead: float) -> tuple[int, int]:
+    """(block_out, block_in) of ``--block-size auto``: the largest size b (per dimension the largest divisor
+    <= b, a multiple of 4 from 4 up) whose A and B hold at most ``max_overhead`` x the core's kept values.
+
+    SmolLM2 at 0.125: 576x576 -> 16, 1536x576 and 576x1536 -> 24, 192x576 -> 8; Llama-2-7B 4096x4096 -> 128.
+    """
+    if not max_overhead > 0:
+        raise UserError(f"--max-overhead must be positive, got {max_overhead}")
+    for size in range(max(d_out, d_in), 0, -1):
+        bo, bi = _fit(d_out, size), _fit(d_in, size)
+        if ab_overhead(d_out, d_in, bo, bi) <= max_overhead:
+            return bo, bi
+    raise UserError(f"--max-overhead {max_overhead}: even diagonal A and B ({ab_overhead(d_out, d_in, 1, 1):.4f} "
+                    f"of the core) exceed it for a {d_out}x{d_in} matrix")
+
+
+def block_sizes(d_out: int, d_in: int, options: Mapping[str, Any]) -> tuple[int, int]:
+    """The block sizes of one matrix under the options: ``auto`` (budget rule) or a forced size."""
+    if options["block_size"] == AUTO:
+        return auto_block_sizes(d_out, d_in, options["max_overhead"])
+    return largest_block_size(d_out, options["block_size"]), largest_block_size(d_in, options["block_size"])
+
+
+def block_size_arg(text: str) -> int | str:
+    """``--block-size``: ``auto`` or a positive integer."""
+    if str(text).strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--block-size must be 'auto' or an integer, got {text!r}") from None
 
 
 @dataclass
@@ -492,20 +542,25 @@ def armor_prune(
 def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, options: Mapping[str, Any], seed: int,
            device: str) -> PruneOutput:
     d_out, d_in = weight.shape
-    bs_out = largest_block_size(d_out, options["block_size"])
-    bs_in = largest_block_size(d_in, options["block_size"])
+    bs_out, bs_in = block_sizes(d_out, d_in, options)
     res = armor_prune(
         weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
     )
     return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations,
-                       {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"]})
+                       {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
+                        "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6)})
 
 
 METHOD = PruningMethod(
     name="armor", prune=_prune, order=0,
     options=(
-        MethodOption("block_size", 128, int,
-                     "ARMOR block size; per dimension the largest divisor that is a multiple of 4 and <= this"),
+        MethodOption("block_size", AUTO, block_size_arg,
+                     "ARMOR block size: 'auto' = per matrix the largest size whose A+B stay within --max-overhead; "
+                     "N = per dimension the largest divisor that is a multiple of 4 and <= N"),
+        MethodOption("max_overhead", 0.125, float,
+                     "with --block-size auto: A+B parameters per kept core value, at most (paper: ~0.09-0.12)"),
+        MethodOption("ab_dtype", "model", str, "dtype of A and B in the checkpoint: the model's, or float32",
+                     choices=AB_DTYPES),
         MethodOption("optimizer", "fast", str, "ARMOR optimiser (fast: exact block steps; paper: Adam + sampling)",
                      choices=OPTIMIZERS),
         MethodOption("iters", 2000, int, "ARMOR iterations per matrix (paper: 20000)"),
