@@ -38,7 +38,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
     for option in all_options():
         p.add_argument(option.flag, dest=option.name, type=option.type, choices=option.choices,
-                       default=argparse.SUPPRESS, help=f"{option.help} (default: {option.default})")
+                       default=argparse.SUPPRESS,
+                       help=option.help if option.default is None else f"{option.help} (default: {option.default})")
 
 
 def prune_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,9 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="finish the whole run within this time (e.g. 90s, 30m, 2h): iterative methods share it "
+                        "across matrices and stop early where it runs out (the report says where)")
     _add_method_options(p)
     p.add_argument("--skip", default=None, help="regex of module names to leave dense")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -71,6 +75,8 @@ def prune_parser() -> argparse.ArgumentParser:
 
 def _executor(a: argparse.Namespace):
     """None (jobs in this process) without --ray; nothing imports Ray then."""
+    if a.ray is not None and a.time_budget is not None:
+        raise UserError("--time-budget is not supported with --ray yet (jobs run in parallel there)")
     if a.ray is None:
         for flag, value, default in (("--gpus-per-job", a.gpus_per_job, None), ("--cpus-per-job", a.cpus_per_job, 1.0),
                                      ("--max-retries", a.max_retries, 3)):
@@ -90,19 +96,21 @@ def _executor(a: argparse.Namespace):
 def prune_main(argv: list[str] | None = None) -> int:
     import torch
 
+    from offline_prune.budget import parse_duration
     from offline_prune.methods import get_method
     from offline_prune.pipeline import PruneArgs, prune
 
     _setup_logging()
     a = prune_parser().parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args = PruneArgs(
-        model=a.model, out=a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
-        calib_seqlen=a.calib_seqlen, seed=a.seed, skip=a.skip, device=device,
-        options=get_method(a.method).select(vars(a)),  # options of other methods are ignored
-    )
 
     def run() -> int:
+        args = PruneArgs(
+            model=a.model, out=a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
+            calib_seqlen=a.calib_seqlen, seed=a.seed, skip=a.skip, device=device,
+            time_budget=parse_duration(a.time_budget) if a.time_budget is not None else None,
+            options=get_method(a.method).select(vars(a)),  # options of other methods are ignored
+        )
         command = shlex.join(["armor-prune", *(sys.argv[1:] if argv is None else argv)])
         prune(args, overwrite=a.overwrite, executor=_executor(a), command=command)
         return 0

@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 
 from offline_prune import jobs
+from offline_prune.methods import TIME_LIMIT
 from offline_prune.statistics import InputStats
 
 JobFn = Callable[[str, torch.Tensor, "InputStats | None", jobs.JobOptions], jobs.JobResult]
@@ -31,6 +32,13 @@ class LayerJobs:
     index: int
     weights: dict[str, torch.Tensor]  # full module name -> weight
     stats: dict[str, InputStats | None]  # full module name -> statistic (q/k/v and gate/up share one object)
+    time_limits: dict[str, float] = field(default_factory=dict)  # --time-budget: seconds per job (iterative methods)
+
+    def job_options(self, name: str, options: jobs.JobOptions) -> jobs.JobOptions:
+        """The run's options, plus this job's time limit when it has one."""
+        if name not in self.time_limits:
+            return options
+        return replace(options, options=(*options.options, (TIME_LIMIT, self.time_limits[name])))
 
 
 @dataclass
@@ -73,7 +81,8 @@ class LocalExecutor:
         self._queue: list[tuple[str, torch.Tensor, InputStats | None, jobs.JobOptions]] = []
 
     def submit(self, layer: LayerJobs, options: jobs.JobOptions) -> None:
-        self._queue.extend((name, w, layer.stats[name], options) for name, w in layer.weights.items())
+        self._queue.extend((name, w, layer.stats[name], layer.job_options(name, options))
+                           for name, w in layer.weights.items())
 
     def poll(self) -> Iterator[Finished]:
         return self.wait()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import platform
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from offline_prune.architectures import Architecture, DecoderLayer, architecture_of, decoder_layers
+from offline_prune.budget import PhaseClock, TimeBudget
 from offline_prune.calibration import load_calibration
 from offline_prune.checkpoint import checkpoint_state, dtype_of_config, write_checkpoint
 from offline_prune.executor import Executor, Finished, LayerJobs, LocalExecutor
@@ -56,6 +56,7 @@ class PruneArgs:
     seed: int = 0
     skip: str | None = None
     device: str = "cpu"
+    time_budget: float | None = None  # seconds for the whole run (offline_prune.budget), None: no limit
     # Options of the method (offline_prune.methods): missing ones get the method's defaults, unknown ones are refused.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -149,21 +150,38 @@ def prune(args: PruneArgs, overwrite: bool = False, executor: Executor | None = 
 def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | None) -> dict:
     skip = re.compile(args.skip) if args.skip else None
     out = Path(args.out)
-    started = time.perf_counter()
-    source, tokenizer, model, out_dtype = _load(args)
-    arch = architecture_of(model)
-    layers = decoder_layers(model, arch, skip)
-    for layer in layers:
-        layer.linears = _packable(layer.linears)
-    if not any(layer.linears for layer in layers):
-        raise UserError(f"model {args.model!r} has no supported linear layers to prune (q/k/v/o/gate/up/down)")
-    windows = None
-    if args.pruning_method.needs_calibration:  # read the data before touching OUT: a bad file leaves nothing
-        windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples, args.calib_seqlen,
-                                   args.seed)
+    clock = PhaseClock()
+    with clock.phase("load"):
+        source, tokenizer, model, out_dtype = _load(args)
+        arch = architecture_of(model)
+        layers = decoder_layers(model, arch, skip)
+        for layer in layers:
+            layer.linears = _packable(layer.linears)
+        if not any(layer.linears for layer in layers):
+            raise UserError(f"model {args.model!r} has no supported linear layers to prune (q/k/v/o/gate/up/down)")
+        windows = None
+        if args.pruning_method.needs_calibration:  # read the data before touching OUT: a bad file leaves nothing
+            windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples,
+                                       args.calib_seqlen, args.seed)
     progress = Progress(out, _run_key(args, executor), overwrite)
-    _walk(args, model, windows, arch, layers, progress, executor)
+    budget = None
+    if args.time_budget is not None and args.pruning_method.iterative:
+        write_bytes = sum(p.numel() for p in model.parameters()) * out_dtype.itemsize
+        budget = TimeBudget(args.time_budget, clock, write_bytes)
+    eta = _walk(args, model, windows, arch, layers, progress, executor, clock, budget)
 
+    with clock.phase("write"):
+        report = _write(args, out, source, tokenizer, model, out_dtype, layers, progress, executor, command, clock)
+    report["summary"]["eta_check"] = eta.check(clock.elapsed())
+    (out / REPORT_FILE).write_text(_json(report))
+    progress.finish()
+    _log_summary(report, out)
+    return report
+
+
+def _write(args: PruneArgs, out: Path, source: str, tokenizer, model: nn.Module, out_dtype: torch.dtype,
+           layers: list[DecoderLayer], progress: Progress, executor: Executor, command: str | None,
+           clock: PhaseClock) -> dict:
     names = [name for layer in layers for name in layer.linears]
     results: dict[str, dict[str, torch.Tensor]] = {}
     reports: list[dict] = []
@@ -177,11 +195,9 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
                                   args.options.get("max_overhead") if args.options.get("block_size") == "auto"
                                   else None, size)
     write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
-    report = _report(args, source, reports, time.perf_counter() - started, executor.describe(), size, command)
+    report = _report(args, source, reports, clock, executor.describe(), size, command)
     (out / REPORT_FILE).write_text(_json(report))
     (out / CARD_FILE).write_text(model_card(report))
-    progress.finish()
-    _log_summary(report, out)
     return report
 
 
@@ -194,64 +210,115 @@ def _run_key(args: PruneArgs, executor: Executor) -> dict:
 
 
 def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch: Architecture,
-          layers: list[DecoderLayer], progress: Progress, executor: Executor) -> None:
+          layers: list[DecoderLayer], progress: Progress, executor: Executor, clock: PhaseClock,
+          budget: TimeBudget | None) -> _Eta:
     """Calibrate layer by layer and hand the jobs to the executor; every result is saved as it arrives.
 
     Methods on statistics of the dense model (ARMOR, NoWag-P, magnitude) let the walk go on while jobs run.
     Sequential ones (SparseGPT, Wanda) see the pruned earlier layers: the walk waits for a layer's jobs and applies
-    them before going on.
+    them before going on. Returns the ETA record (what the bar predicted after the first layer).
     """
     needs_data = windows is not None
     method = args.pruning_method
     sequential = method.sequential
     if needs_data:
-        hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
+        with clock.phase("calibration"):
+            hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
     options = _job_options(args)
-    saver = _Saver(progress, sum(len(layer.linears) for layer in layers))
-    bar = tqdm(list(enumerate(layers)), desc=f"{args.method} layers", unit="layer")
-    for i, layer in bar:
+    sizes = [{n: lin.weight.numel() for n, lin in layer.linears.items() if not progress.done(n)} for layer in layers]
+    saver = _Saver(progress, sum(len(layer.linears) for layer in layers), clock)
+    for i, layer in enumerate(layers):
         linears = layer.linears
         todo = [name for name in linears if not progress.done(name)]
         stats = {}
         if needs_data and (todo or not sequential):
-            local = {layer.local_names[name]: lin for name, lin in linears.items()}
-            with collect_stats(local, method.needs_gram, arch.shared_inputs) as local_stats:
-                outputs = _run_layer(layer.module, hidden, layer_kwargs)
-            stats = {name: local_stats[layer.local_names[name]] for name in linears}
-        executor.submit(LayerJobs(i, {n: linears[n].weight for n in todo}, {n: stats.get(n) for n in todo}), options)
-        saver.save_all(executor.wait(todo) if sequential else executor.poll())
-        bar.set_postfix(saver.postfix())
+            with clock.phase("calibration"):
+                local = {layer.local_names[name]: lin for name, lin in linears.items()}
+                with collect_stats(local, method.needs_gram, arch.shared_inputs) as local_stats:
+                    outputs = _run_layer(layer.module, hidden, layer_kwargs)
+                stats = {name: local_stats[layer.local_names[name]] for name in linears}
+        limits = {}
+        if budget is not None and todo:
+            budget.calibrated_layers = i + 1
+            later = sum(sum(s.values()) for s in sizes[i + 1:])
+            limits = budget.layer_limits(sizes[i], later, len(layers) - i - 1 if needs_data else 0)
+        executor.submit(LayerJobs(i, {n: linears[n].weight for n in todo}, {n: stats.get(n) for n in todo},
+                                  limits), options)
+        with clock.phase("optimisation"):
+            saver.save_all(executor.wait(todo) if sequential else executor.poll(), i, len(layers))
         if needs_data and sequential:
-            for name, lin in linears.items():
-                lin.weight.copy_(fmt.reconstruct_weight(progress.load(name)[0]).to(lin.weight))
-            outputs = _run_layer(layer.module, hidden, layer_kwargs)
+            with clock.phase("calibration"):
+                for name, lin in linears.items():
+                    lin.weight.copy_(fmt.reconstruct_weight(progress.load(name)[0]).to(lin.weight))
+                outputs = _run_layer(layer.module, hidden, layer_kwargs)
         if needs_data:
             hidden = outputs
-    saver.save_all(executor.wait())
-    bar.set_postfix(saver.postfix())
-    bar.close()
+        saver.layer_done(i, len(layers))
+    with clock.phase("optimisation"):
+        saver.save_all(executor.wait(), len(layers) - 1, len(layers))
+    saver.close()
+    return saver.eta
+
+
+@dataclass
+class _Eta:
+    """The bar's ETA after the first decoder layer, kept to check it against the time the rest really took."""
+
+    predicted: float | None = None
+    at: float | None = None  # run clock when the prediction was made
+
+    def check(self, end: float) -> dict | None:
+        if self.predicted is None or self.at is None:
+            return None
+        actual = end - self.at
+        return {"predicted_after_first_layer_s": round(self.predicted, 1), "actual_s": round(actual, 1),
+                "error": round((self.predicted - actual) / actual, 3) if actual > 0 else None}
 
 
 class _Saver:
-    """Writes finished jobs to OUT/.progress/ and keeps a running figure for the progress bar."""
+    """Writes finished jobs to OUT/.progress/; drives the bar (matrices done/total, mean loss, ETA).
 
-    def __init__(self, progress: Progress, total: int) -> None:
+    The ETA is the time per matrix so far (calibration included) times the matrices left: decoder layers are
+    alike, so after the first layer it is right to within the layers' spread (docs/BENCHMARKS.md)."""
+
+    def __init__(self, progress: Progress, total: int, clock: PhaseClock) -> None:
         self.progress = progress
         self.total = total
+        self.clock = clock
         self.saved = sum(1 for _ in progress.dir.glob("*.safetensors"))
+        self.start_saved, self.start = self.saved, clock.elapsed()
         self.losses: list[float] = []
+        self.eta = _Eta()
+        self.bar = tqdm(total=total, initial=self.saved, desc="matrices", unit="matrix", smoothing=0)
 
-    def save_all(self, finished: Iterable[Finished]) -> None:
+    def save_all(self, finished: Iterable[Finished], layer: int, n_layers: int) -> None:
         for done in finished:
             self.progress.save(done.name, done.tensors, done.report)
             self.saved += 1
             self.losses.append(done.report["loss_final_relative"])
+            self.bar.set_postfix(self.postfix(layer, n_layers), refresh=False)
+            self.bar.update(1)
 
-    def postfix(self) -> dict:
-        fig = {"saved": f"{self.saved}/{self.total}"}
+    def predicted_left(self) -> float | None:
+        new = self.saved - self.start_saved
+        if new == 0:
+            return None
+        return (self.clock.elapsed() - self.start) / new * (self.total - self.saved)
+
+    def layer_done(self, layer: int, n_layers: int) -> None:
+        if self.eta.predicted is None and self.saved > self.start_saved and self.saved < self.total:
+            self.eta = _Eta(self.predicted_left(), self.clock.elapsed())
+            log.info("first layer done: ETA %.0f s for the other %d matrices", self.eta.predicted,
+                     self.total - self.saved)
+
+    def postfix(self, layer: int, n_layers: int) -> dict:
+        fig = {"layer": f"{layer + 1}/{n_layers}"}
         if self.losses:
             fig["rel_loss"] = f"{sum(self.losses) / len(self.losses):.4f}"
         return fig
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _packable(found: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
@@ -264,7 +331,7 @@ def _packable(found: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
     return kept
 
 
-def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, executor: dict,
+def _report(args: PruneArgs, source: str, reports: list[dict], clock: PhaseClock, executor: dict,
             size: fmt.Footprint, command: str | None) -> dict:
     import transformers
 
@@ -291,7 +358,10 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, e
             "mean_loss_init_relative": sum(r["loss_init_relative"] for r in reports) / n,
             "mean_loss_final_relative": sum(r["loss_final_relative"] for r in reports) / n,
             "job_seconds": round(sum(r["seconds"] for r in reports), 3),
-            "wall_seconds": round(seconds, 3),
+            "wall_seconds": round(clock.elapsed(), 3),
+            "phase_seconds": clock.summary(),  # load, calibration, optimisation, write (this invocation)
+            "time_budget_s": args.time_budget,
+            "stopped": _count(r.get("stopped") for r in reports),  # why iterations ended, per matrix
             "ab_overhead": size.overhead,  # A+B parameters per kept core value
             "checkpoint_bytes": size.checkpoint_bytes,
             "dense_bytes": size.dense_bytes,  # pruned linears as dense weights in the model dtype
@@ -299,6 +369,14 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, e
         },
         "linears": reports,
     }
+
+
+def _count(values: Iterable) -> dict:
+    counts: dict = {}
+    for v in values:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _json(obj) -> str:
@@ -321,3 +399,13 @@ def _log_summary(report: dict, out: Path) -> None:
         log.info("  %-10s %.4f", kind, sum(values) / len(values))
     log.info("A/B overhead %.4f parameters per kept value; weights %.3f GB = %.3fx dense", s["ab_overhead"],
              s["checkpoint_bytes"] / 1e9, s["bytes_ratio"])
+    log.info("time per phase: %s", ", ".join(f"{k} {v:.1f} s" for k, v in s["phase_seconds"].items()))
+    if s["stopped"]:
+        log.info("iterations ended by: %s", ", ".join(f"{k} {v}" for k, v in s["stopped"].items()))
+    if s["time_budget_s"] is not None:
+        cut = s["stopped"].get("time_limit", 0)
+        log.info("time budget %.0f s: used %.0f s; %d of %d matrices stopped early by it", s["time_budget_s"],
+                 s["wall_seconds"], cut, s["linears"])
+    if s.get("eta_check"):
+        e = s["eta_check"]
+        log.info("ETA after the first layer %.0f s, actual %.0f s", e["predicted_after_first_layer_s"], e["actual_s"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from offline_prune.methods import armor
-from offline_prune.methods.armor import armor_prune
+from offline_prune.methods.armor import DEFAULT_PLATEAU, Plateau, armor_prune
 from offline_prune.proxy import normalize, nowag_p_mask, proxy_loss, proxy_scale
 from vllm_armor.blockdiag import blockdiag_dense
 from vllm_armor.checkpoint_format import mask_is_2of4
@@ -110,9 +110,9 @@ def test_lowers_loss_well_below_nowag_p(optimizer: str, iters: int, margin: floa
     # Measured on this matrix: relative loss 0.0814 (NoWag-P) -> paper 200 its 0.0581 (x0.71), fast 60 its
     # 0.0126 (x0.15).
     w, h = _matrix(256, 256), _h(256)
-    res = armor_prune(w, h, 32, 32, optimizer=optimizer, iters=iters, patience=iters)
+    res = armor_prune(w, h, 32, 32, optimizer=optimizer, iters=iters, patience=iters, plateau=None)
     _check_guarantee(w, h, res)
-    assert res.iterations == iters
+    assert res.iterations == iters and res.stopped == "cap"
     assert res.final_relative < margin * res.init_relative
 
 
@@ -189,3 +189,37 @@ def test_bad_inputs_are_rejected() -> None:
         armor_prune(torch.randn(8, 6), torch.ones(6), 2, 2)
     with pytest.raises(ValueError, match="optimizer"):
         armor_prune(w, h, 16, 16, optimizer="sgd")
+
+
+def test_plateau_rule_on_a_history() -> None:
+    rule = Plateau(window=3, tol=0.01)
+    assert not rule.reached([1.0, 0.9, 0.8])  # shorter than the window
+    assert not rule.reached([1.0, 0.9, 0.8, 0.7])  # 30% over the last 3
+    assert rule.reached([1.0, 0.5, 0.499, 0.498, 0.4975])  # 0.3% over the last 3
+    assert not rule.reached([1.0, 0.5, 0.499, 0.498, 0.40])
+
+
+def test_fast_mode_stops_on_a_plateau() -> None:
+    """The default stop ends the fast mode on a plateau before a high cap, close to the capped loss."""
+    w, h = _matrix(64, 128, seed=11), _h(128)
+    stopped = armor_prune(w, h, 16, 16, iters=2000)
+    assert stopped.stopped == "plateau" and stopped.iterations < 2000
+    window = DEFAULT_PLATEAU.window
+    last = stopped.history[-1 - window:]
+    assert last[0] - last[-1] < DEFAULT_PLATEAU.tol * last[0]  # it did stop on a plateau
+    capped = armor_prune(w, h, 16, 16, iters=stopped.iterations + 40, plateau=None)
+    assert capped.stopped == "cap" and capped.iterations == stopped.iterations + 40
+    assert capped.history[: len(stopped.history)] == stopped.history  # same path up to the stop
+    assert stopped.final_relative <= 1.05 * capped.final_relative
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_time_limit_ends_the_iterations_in_time(optimizer: str) -> None:
+    w, h = _matrix(256, 512, seed=12), _h(512)
+    res = armor_prune(w, h, 32, 32, optimizer=optimizer, iters=10**6, plateau=None, patience=10**6, time_limit=0.5)
+    assert res.stopped == "time_limit" and res.iterations >= 1
+    per_iter = res.elapsed[-1] - res.elapsed[-2]
+    assert res.elapsed[-1] <= 0.5 + per_iter  # stops before an iteration that would end past the limit
+    none = armor_prune(w, h, 32, 32, optimizer=optimizer, iters=10, time_limit=0.0)
+    assert none.iterations == 0 and none.stopped == "time_limit"
+    _check_guarantee(w, h, none)

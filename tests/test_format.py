@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -122,7 +124,7 @@ def test_auto_block_size_keeps_the_overhead_budget(shape, blocks):
 
 def test_block_size_flag_and_budget_errors():
     assert block_size_arg("auto") == "auto" and block_size_arg("AUTO") == "auto" and block_size_arg("96") == 96
-    with pytest.raises(UserError, match="--block-size must be 'auto' or an integer"):
+    with pytest.raises(argparse.ArgumentTypeError, match="must be 'auto' or an integer"):
         block_size_arg("big")
     with pytest.raises(UserError, match="--max-overhead must be positive"):
         auto_block_sizes(576, 576, 0)

@@ -154,6 +154,34 @@ def test_auto_blocks_cost_and_ab_dtype_round_trip(tiny_llama, c4_path, tmp_path,
         assert torch.isfinite(model(ids, use_cache=False).logits).all()
 
 
+def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path, monkeypatch):
+    """With no plateau and no cap in reach, --time-budget alone ends the run: within the budget, every matrix
+    got iterations (the time is shared, not spent on the first ones) and the report says the budget cut them."""
+    from offline_prune.methods import armor
+
+    monkeypatch.setattr(armor, "DEFAULT_PLATEAU", armor.Plateau(window=5, tol=-1.0))  # never a plateau
+    budget = 12.0
+    args = tiny_args(tiny_llama, tmp_path / "o", c4_path, "armor", iters=10**6, block_size="auto")
+    report = prune(PruneArgs(**{**args.__dict__, "time_budget": budget}))
+    s = report["summary"]
+    assert s["wall_seconds"] <= budget, s
+    assert s["time_budget_s"] == budget and s["stopped"] == {"time_limit": s["linears"]}
+    assert all(r["iterations"] >= 1 for r in report["linears"])
+    assert set(s["phase_seconds"]) == {"load", "calibration", "optimisation", "write"}
+    assert s["phase_seconds"]["optimisation"] > 0.5 * budget  # most of the budget went to the optimiser
+    assert sum(s["phase_seconds"].values()) <= s["wall_seconds"] + 0.01
+
+
+def test_time_budget_flag_errors(caplog):
+    from offline_prune.cli import prune_main
+
+    assert prune_main(["m", "o", "--time-budget", "soon"]) == 2
+    assert prune_main(["m", "o", "--time-budget", "5m", "--ray"]) == 2
+    err = caplog.text
+    assert "--time-budget 'soon': expected a positive duration" in err
+    assert "--time-budget is not supported with --ray" in err
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     # armor_report.json holds timings and README.md names the output folder: all other files must be identical
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())

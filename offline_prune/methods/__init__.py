@@ -62,6 +62,8 @@ class PruningMethod:
     sequential: bool = False  # statistics from the already-pruned earlier layers (SparseGPT, Wanda papers)
     needs_gram: bool = False  # X^T X besides h
     options: tuple[MethodOption, ...] = ()
+    # Iterative methods may be given options[TIME_LIMIT] (seconds for this matrix, or None) by --time-budget.
+    iterative: bool = False
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -80,6 +82,7 @@ class PruningMethod:
         return {o.name: given.get(o.name, o.default) for o in self.options}
 
 
+TIME_LIMIT = "time_limit"  # key of the per-matrix time allowance in an iterative method's options
 _REGISTRY: dict[str, PruningMethod] = {}
 
 

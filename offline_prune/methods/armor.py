@@ -51,6 +51,7 @@ iters; the per-matrix seed is offline_prune.jobs.job_seed.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import time
@@ -60,7 +61,7 @@ from typing import Any
 
 import torch
 
-from offline_prune.methods import MethodOption, PruneOutput, PruningMethod
+from offline_prune.methods import TIME_LIMIT, MethodOption, PruneOutput, PruningMethod
 from offline_prune.models import UserError
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_scale
 from offline_prune.statistics import InputStats
@@ -128,13 +129,13 @@ def block_sizes(d_out: int, d_in: int, options: Mapping[str, Any]) -> tuple[int,
 
 
 def block_size_arg(text: str) -> int | str:
-    """``--block-size``: ``auto`` or a positive integer."""
+    """``--block-size``: ``auto`` or a positive integer (argparse reports the error as one line)."""
     if str(text).strip().lower() == AUTO:
         return AUTO
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"--block-size must be 'auto' or an integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer, got {text!r}") from None
 
 
 @dataclass
@@ -151,6 +152,7 @@ class ArmorResult:
     iterations: int
     seconds: float
     elapsed: list[float] = field(default_factory=list)  # seconds since start at each history entry
+    stopped: str = "cap"  # why the iterations ended: cap, plateau (fast), patience (paper), time_limit
 
 
 @dataclass
@@ -466,6 +468,48 @@ def _improved(new: float, old: float) -> bool:
     return new <= (1 - RTOL) * old and new <= old - ATOL
 
 
+@dataclass(frozen=True)
+class Plateau:
+    """Fast mode's stopping rule: stop when the relative loss fell by less than ``tol`` (relatively) over the
+    last ``window`` iterations. Chosen from the measured curve (docs/BENCHMARKS.md, "ARMOR convergence")."""
+
+    window: int = 5
+    tol: float = 0.005
+
+    def reached(self, history: list[float]) -> bool:
+        if len(history) <= self.window:
+            return False
+        before, now = history[-1 - self.window], history[-1]
+        return before - now < self.tol * before
+
+
+DEFAULT_ITERS = {"fast": 60, "paper": 20000}  # iteration caps when --iters is not given
+DEFAULT_PLATEAU = Plateau()
+
+
+class _Stopper:
+    """Decides after every iteration whether to go on: cap, plateau (fast), patience (paper) or time limit."""
+
+    def __init__(self, iters: int, plateau: Plateau | None, patience: int, time_limit: float | None) -> None:
+        self.iters, self.plateau, self.patience, self.time_limit = iters, plateau, patience, time_limit
+        self.left = patience
+        self.reason = "cap"
+
+    def stop(self, it: int, history: list[float], elapsed: list[float]) -> bool:
+        self.left = self.patience if _improved(history[-1], history[-2]) else self.left - 1
+        if it >= self.iters:
+            self.reason = "cap"
+        elif self.plateau is not None and self.plateau.reached(history):
+            self.reason = "plateau"
+        elif self.plateau is None and self.left <= 0:
+            self.reason = "patience"
+        elif self.time_limit is not None and elapsed[-1] + (elapsed[-1] - elapsed[-2]) > self.time_limit:
+            self.reason = "time_limit"  # the next iteration would end past the limit
+        else:
+            return False
+        return True
+
+
 def armor_prune(
     weight: torch.Tensor,
     h: torch.Tensor,
@@ -473,13 +517,19 @@ def armor_prune(
     block_in: int,
     *,
     optimizer: str = "fast",
-    iters: int = 2000,
+    iters: int | None = None,
     seed: int = 0,
     lr: float = 1e-4,
     device: str | torch.device | None = None,
     patience: int = 100,
+    plateau: Plateau | None | str = "default",
+    time_limit: float | None = None,
 ) -> ArmorResult:
-    """Fit A' core B' ~ weight with a 2:4 core; see the module docstring."""
+    """Fit A' core B' ~ weight with a 2:4 core; see the module docstring.
+
+    Stops at ``iters`` iterations (default: DEFAULT_ITERS of the optimiser); fast mode also on ``plateau``
+    (default: DEFAULT_PLATEAU; None: never), paper mode after ``patience`` iterations without improvement (the
+    official code's rule); both before an iteration that would end past ``time_limit`` seconds since the start."""
     _check_inputs(weight, h, block_out, block_in, optimizer)
     start = time.perf_counter()
     dev = torch.device(device) if device is not None else weight.device
@@ -511,17 +561,20 @@ def armor_prune(
         def step(r: torch.Tensor, loss: float) -> tuple[torch.Tensor, float]:
             return fast.iteration(p, s, r, loss)
 
-    left = patience
+    iters = DEFAULT_ITERS[optimizer] if iters is None else iters
+    plateau = DEFAULT_PLATEAU if plateau == "default" else plateau
+    stopper = _Stopper(iters, plateau if optimizer == "fast" else None, patience, time_limit)
     with torch.no_grad():
-        for it in range(1, iters + 1):
-            prev = loss
+        it = 0
+        while it < iters and not (time_limit is not None and elapsed[-1] > time_limit):
+            it += 1
             r, loss = step(r, loss)
             history.append(loss / p.scale)
             elapsed.append(time.perf_counter() - start)
-            left = patience if _improved(loss, prev) else left - 1
-            if left <= 0:
-                log.debug("armor: converged after %d iterations", it)
+            if stopper.stop(it, history, elapsed):
                 break
+        if iters == 0 or it == 0:
+            stopper.reason = "cap" if iters == 0 else "time_limit"
     a = s.a * norm.row_scale.view(-1, block_out, 1)
     b = s.b * norm.col_scale.view(-1, 1, block_in)
     if dev.type == "cuda":
@@ -533,6 +586,7 @@ def armor_prune(
         a_blocks=a.contiguous(), b_blocks=b.contiguous(), core=s.c.contiguous(), mask=s.mask.contiguous(),
         history=history, init_loss=init * h_mean, final_loss=loss * h_mean, init_relative=history[0],
         final_relative=history[-1], iterations=len(history) - 1, seconds=seconds, elapsed=elapsed,
+        stopped=stopper.reason,
     )
 
 
@@ -545,10 +599,11 @@ def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, opti
     bs_out, bs_in = block_sizes(d_out, d_in, options)
     res = armor_prune(
         weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
+        time_limit=options.get(TIME_LIMIT),
     )
     return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations,
                        {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
-                        "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6)})
+                        "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6), "stopped": res.stopped})
 
 
 METHOD = PruningMethod(
@@ -563,6 +618,8 @@ METHOD = PruningMethod(
                      choices=AB_DTYPES),
         MethodOption("optimizer", "fast", str, "ARMOR optimiser (fast: exact block steps; paper: Adam + sampling)",
                      choices=OPTIMIZERS),
-        MethodOption("iters", 2000, int, "ARMOR iterations per matrix (paper: 20000)"),
+        MethodOption("iters", None, int, "ARMOR iteration cap per matrix (default: fast 60, with a plateau stop; "
+                     "paper 20000, the paper's setting)"),
     ),
+    iterative=True,
 )
