@@ -97,7 +97,7 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
 def test_method_options_defaults_and_unknown(tmp_path):
     args = PruneArgs(model="m", out=str(tmp_path), method="armor", options={"iters": 5})
     assert args.options == {"block_size": "auto", "max_overhead": 0.125, "ab_dtype": "model", "optimizer": "fast",
-                            "iters": 5}
+                            "plateau_tol": 0.005, "iters": 5}
     assert PruneArgs(model="m", out=str(tmp_path), method="magnitude").run_key()["method"] == "magnitude"
     with pytest.raises(UserError, match="'magnitude' has no option 'iters'"):
         PruneArgs(model="m", out=str(tmp_path), method="magnitude", options={"iters": 5})
@@ -154,14 +154,11 @@ def test_auto_blocks_cost_and_ab_dtype_round_trip(tiny_llama, c4_path, tmp_path,
         assert torch.isfinite(model(ids, use_cache=False).logits).all()
 
 
-def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path, monkeypatch):
+def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path):
     """With no plateau and no cap in reach, --time-budget alone ends the run: within the budget, every matrix
     got iterations (the time is shared, not spent on the first ones) and the report says the budget cut them."""
-    from offline_prune.methods import armor
-
-    monkeypatch.setattr(armor, "DEFAULT_PLATEAU", armor.Plateau(window=5, tol=-1.0))  # never a plateau
     budget = 12.0
-    args = tiny_args(tiny_llama, tmp_path / "o", c4_path, "armor", iters=10**6, block_size="auto")
+    args = tiny_args(tiny_llama, tmp_path / "o", c4_path, "armor", iters=10**6, block_size="auto", plateau_tol=0.0)
     report = prune(PruneArgs(**{**args.__dict__, "time_budget": budget}))
     s = report["summary"]
     assert s["wall_seconds"] <= budget, s

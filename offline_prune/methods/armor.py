@@ -600,6 +600,7 @@ def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, opti
     res = armor_prune(
         weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
         time_limit=options.get(TIME_LIMIT),
+        plateau=Plateau(DEFAULT_PLATEAU.window, options["plateau_tol"]) if options["plateau_tol"] > 0 else None,
     )
     return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations,
                        {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
@@ -618,6 +619,9 @@ METHOD = PruningMethod(
                      choices=AB_DTYPES),
         MethodOption("optimizer", "fast", str, "ARMOR optimiser (fast: exact block steps; paper: Adam + sampling)",
                      choices=OPTIMIZERS),
+        MethodOption("plateau_tol", DEFAULT_PLATEAU.tol, float,
+                     f"fast mode stops when the relative loss fell by less than this fraction over the last "
+                     f"{DEFAULT_PLATEAU.window} iterations (0: only the cap stops it)"),
         MethodOption("iters", None, int, "ARMOR iteration cap per matrix (default: fast 60, with a plateau stop; "
                      "paper 20000, the paper's setting)"),
     ),

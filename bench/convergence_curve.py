@@ -1,0 +1,172 @@
+"""Where ARMOR's fast mode stops paying: proxy loss and WikiText-2 perplexity against iterations, at the default
+block-size policy (``--block-size auto --max-overhead 0.125``).
+
+    .venv/bin/python bench/convergence_curve.py --layers 0 15 --curve-iters 120 --ppl-iters 0 5 15 30
+
+Part 1 (proxy loss): every pruned matrix of the chosen decoder layers of the bundled SmolLM2-135M, h from C4
+windows through the dense model, one fast-mode run per matrix with no plateau stop (``plateau=None``) up to
+``--curve-iters``; the relative loss at 5, 15, 30, 60, 120, 240 iterations as a fraction of the last one, the
+seconds per iteration, and the iteration where the default plateau rule (DEFAULT_PLATEAU) would have stopped
+with its loss against the last one.
+Part 2 (perplexity): the whole model pruned with ``armor-prune --iters N --plateau-tol 0`` for every N of
+``--ppl-iters`` (N = 0 is the NoWag-P start) and with the defaults (cap + plateau), each evaluated with
+``armor-eval ppl`` on WikiText-2 (``--max-windows`` windows of 2048 tokens, all by default), with wall times.
+Writes bench/results/convergence_curve.json and a section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import BIN, C4, WIKITEXT, armor_eval_ppl, command_line, record, run  # noqa: E402
+from offline_prune.methods.armor import DEFAULT_ITERS, DEFAULT_PLATEAU, armor_prune, auto_block_sizes  # noqa: E402
+
+log = logging.getLogger("bench.convergence_curve")
+MARKS = (5, 15, 30, 60, 120, 240)
+MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layers", type=int, nargs="*", default=[0, 15])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--max-overhead", type=float, default=0.125)
+    ap.add_argument("--curve-iters", type=int, default=120)
+    ap.add_argument("--ppl-iters", type=int, nargs="*", default=[0, 5, 15])
+    ap.add_argument("--ppl-default", action="store_true", help="also prune with the default stop and cap")
+    ap.add_argument("--max-windows", type=int, default=None, help="WikiText-2 windows (default: the whole split)")
+    ap.add_argument("--work", type=Path, default=Path("out/convergence_curve"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads here and in the subprocesses (0: default)")
+    return ap.parse_args()
+
+
+@torch.no_grad()
+def layer_stats(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (W, h)} of the chosen layers, h from C4 windows through the dense model (ARMOR's setting)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offline_prune.architectures import architecture_of, layer_list
+    from offline_prune.calibration import c4_windows
+    from offline_prune.models import resolve_model
+    from offline_prune.statistics import collect_stats
+
+    path = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    arch = architecture_of(model)
+    _, layers = layer_list(model, arch)
+    linears = {f"layers.{i}.{m}": layers[i].get_submodule(m) for i in args.layers for m in MATRICES}
+    windows = c4_windows(C4, tok, args.samples, args.seqlen, seed=0)
+    with collect_stats(linears, False, arch.shared_inputs) as stats:
+        for batch in windows.split(8):
+            model.model(input_ids=batch)
+    return {name: (lin.weight.detach().float().clone(), stats[name].h.clone()) for name, lin in linears.items()}
+
+
+def plateau_stop(history: list[float]) -> int:
+    for it in range(1, len(history)):
+        if DEFAULT_PLATEAU.reached(history[: it + 1]):
+            return it
+    return len(history) - 1
+
+
+def curve(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name, (w, h) in layer_stats(args).items():
+        bo, bi = auto_block_sizes(*w.shape, args.max_overhead)
+        res = armor_prune(w, h, bo, bi, iters=args.curve_iters, plateau=None)
+        last = res.history[-1]
+        stop = plateau_stop(res.history)
+        row = {"matrix": name, "shape": list(w.shape), "blocks": [bo, bi], "init": res.history[0], "last": last,
+               "iters": res.iterations, "s_per_iter": (res.elapsed[-1] - res.elapsed[0]) / max(res.iterations, 1),
+               "at": {m: res.history[m] / last for m in MARKS if m <= res.iterations},
+               "plateau_stop": stop, "plateau_loss_vs_last": res.history[stop] / last}
+        log.info("%s %s: %s", name, row["blocks"], {k: round(v, 4) for k, v in row["at"].items()})
+        rows.append(row)
+    return rows
+
+
+def prune_and_eval(args: argparse.Namespace, iters: int | None) -> dict:
+    out = args.work / (f"iters{iters}" if iters is not None else "default")
+    cmd = [str(BIN / "armor-prune"), args.model, str(out), "--calib", f"c4:{C4}", "--calib-samples",
+           str(args.samples), "--calib-seqlen", str(args.seqlen), "--max-overhead", str(args.max_overhead),
+           "--device", "cpu", "--overwrite"]
+    if iters is not None:
+        cmd += ["--iters", str(iters), "--plateau-tol", "0"]
+    start = time.perf_counter()
+    run(cmd)
+    wall = time.perf_counter() - start
+    report = json.loads((out / "armor_report.json").read_text())
+    ppl = armor_eval_ppl(out, WIKITEXT, 2048, args.max_windows)
+    s = report["summary"]
+    return {"iters": iters, "ppl": ppl["ppl"], "windows": ppl["windows"], "prune_wall_s": round(wall, 1),
+            "mean_loss": s["mean_loss_final_relative"], "mean_iterations": sum(
+                r["iterations"] for r in report["linears"]) / len(report["linears"]),
+            "bytes_ratio": s["bytes_ratio"], "ab_overhead": s["ab_overhead"], "stopped": s["stopped"]}
+
+
+def markdown(args: argparse.Namespace, rows: list[dict], ppl_rows: list[dict], meta: dict) -> str:
+    lines = [f"\n## ARMOR convergence at the default overhead ({meta['date']})\n",
+             f"Machine: {meta['machine']}, load average {meta['load']}. Command: `{meta['command']}`.",
+             f"Fast mode, `--block-size auto --max-overhead {args.max_overhead}`, C4 {args.samples} x {args.seqlen}.\n"]
+    if rows:
+        marks = [m for m in MARKS if any(str(m) in map(str, r["at"]) for r in rows)]
+        lines += [f"Proxy loss at N iterations / loss at {args.curve_iters} (no plateau stop); where the default "
+                  f"plateau rule (down < {DEFAULT_PLATEAU.tol:.1%} over {DEFAULT_PLATEAU.window} iterations) stops:\n",
+                  "| matrix | blocks | s/iter | " + " | ".join(f"{m}" for m in marks)
+                  + " | plateau stop | its loss / last |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in marks) + " | --- | --- |"]
+        for r in rows:
+            at = {int(k): v for k, v in r["at"].items()}
+            lines.append(f"| {r['matrix']} | {r['blocks'][0]}x{r['blocks'][1]} | {r['s_per_iter']:.3f} | "
+                         + " | ".join(f"{at[m]:.4f}" if m in at else "" for m in marks)
+                         + f" | {r['plateau_stop']} | {r['plateau_loss_vs_last']:.4f} |")
+    if ppl_rows:
+        windows = ppl_rows[0]["windows"]
+        lines += ["", f"Whole model, WikiText-2 perplexity ({windows} windows of 2048 tokens), per iteration cap "
+                  "(`--plateau-tol 0`; 0 = the NoWag-P start; `default` = cap "
+                  f"{DEFAULT_ITERS['fast']} with the plateau stop):\n",
+                  "| iterations | ppl | mean its | mean rel. loss | prune wall s | weight bytes / dense | "
+                  "A+B / core values |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in ppl_rows:
+            name = "default" if r["iters"] is None else str(r["iters"])
+            lines.append(f"| {name} | {r['ppl']:.3f} | {r['mean_iterations']:.1f} | {r['mean_loss']:.4f} | "
+                         f"{r['prune_wall_s']:.0f} | {r['bytes_ratio']:.3f} | {r['ab_overhead']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    rows = curve(args) if args.layers and args.curve_iters else []
+    ppl_rows = [prune_and_eval(args, n) for n in args.ppl_iters]
+    if args.ppl_default:
+        ppl_rows.append(prune_and_eval(args, None))
+    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+            "command": command_line("convergence_curve.py"), "threads": torch.get_num_threads()}
+    meta["machine"] += f", {meta['threads']} torch thread(s)"
+    record("convergence_curve", {"meta": meta, "args": {k: str(v) for k, v in vars(args).items()}, "curve": rows,
+                                 "ppl": ppl_rows}, markdown(args, rows, ppl_rows, meta))
+
+
+if __name__ == "__main__":
+    main()
