@@ -33,7 +33,9 @@ def prune(args, name: str, method: str, extra: list[str]) -> dict:
     out = args.work / name
     cmd = [str(BIN / "armor-prune"), args.model, str(out), "--method", method, "--calib", f"c4:{args.calib}",
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-           "--seed", "0", "--block-size", str(args.block_size), *extra]
+           "--seed", "0", *extra]
+    if method == "armor":
+        cmd += ["--block-size", str(args.block_size), "--max-overhead", str(args.max_overhead)]
     if (out / "armor_report.json").exists():
         log.info("%s: reusing finished checkpoint %s", name, out)
     else:
@@ -91,14 +93,16 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
         f"\n## Quality: WikiText-2 perplexity of {args.model} under 2:4 methods ({today})\n",
         f"Machine: {machine}. Command: `{command}`. Calibration: C4 {args.calib_samples} x {args.calib_seqlen} "
         f"tokens, seed 0; eval ctx_len {args.ctx_len}, windows {results['dense']['ppl']['windows']}.\n",
-        "| model | ppl | pruning wall s | mean rel. proxy loss |",
-        "| --- | --- | --- | --- |",
+        "| model | ppl | weight bytes / dense | A+B params / core values | pruning wall s | mean rel. proxy loss |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, res in results.items():
         s = res.get("report", {}).get("summary", {})
         wall = f"{s['wall_seconds']:.0f}" if s else (f"{res['seconds']:.0f}" if "seconds" in res else "-")
         loss = f"{s['mean_loss_final_relative']:.4f}" if s else "-"
-        lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {wall} | {loss} |")
+        dense_cost = "1.000 | 0" if name == "dense" else "- | -"
+        cost = f"{s['bytes_ratio']:.3f} | {s['ab_overhead']:.4f}" if s else dense_cost
+        lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {cost} | {wall} | {loss} |")
     for name, g in gap.items():
         lines.append(f"\nGap closed by {name} vs best other ({g['best_other']}): **{g['gap_closed']:.1%}**")
     lines.append("\nMean relative proxy loss of those layers, attention (q, k, v, o) vs MLP (gate, up, down):\n")
@@ -125,8 +129,9 @@ def main() -> int:
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--ctx-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--fast-iters", type=int, default=2000)
+    p.add_argument("--block-size", default="auto", help="ARMOR's --block-size (auto: within --max-overhead)")
+    p.add_argument("--max-overhead", type=float, default=0.125, help="ARMOR's A+B budget per kept core value")
+    p.add_argument("--fast-iters", type=int, default=60)
     p.add_argument("--paper-time-factor", type=float, default=3.0)
     p.add_argument("--probe-layer", type=int, default=10)
     p.add_argument("--layers", default="5,15,25", help="decoder layers for the proxy-loss table")
