@@ -14,7 +14,7 @@ DEMO_OUT ?= out/smollm2-armor
 DEMO_BUDGET ?= 150s
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo demo-serve test lint serve clean
+.PHONY: setup demo demo-prune demo-eval demo-serve test lint serve clean
 
 setup: $(VENV)/.setup-done
 
@@ -33,10 +33,17 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	touch $@
 
 demo: setup
+	$(MAKE) --no-print-directory demo-prune
+	$(MAKE) --no-print-directory demo-eval
+	$(MAKE) --no-print-directory demo-serve
+
+# The demo's steps (bench/demo_time.py times each one).
+demo-prune: setup
 	$(VENV)/bin/armor-prune smollm2-135m $(DEMO_OUT) --method armor --time-budget $(DEMO_BUDGET) --overwrite \
 	  --calib c4:$(DATA)/c4/c4_validation_2k.jsonl --calib-samples 32 --calib-seqlen 512
+
+demo-eval: setup
 	$(VENV)/bin/armor-eval ppl $(DEMO_OUT) --data $(DATA)/wikitext2/wiki.test.raw --ctx-len 2048 --max-windows 4
-	$(MAKE) --no-print-directory demo-serve
 
 # --- vLLM serving (vllm_armor plugin) -----------------------------------------------------------------
 SERVE_PORT ?= 8000

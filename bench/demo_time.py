@@ -1,0 +1,64 @@
+"""How long `make demo` takes here, step by step (issue: a demo that ends in under 5 minutes).
+
+    .venv/bin/python bench/demo_time.py
+
+Runs `make demo-prune`, `make demo-eval` and `make demo-serve` (the three steps of `make demo`, setup already
+done) one after another, timing each, and reads the prune's report (phases, budget, cost) and the perplexity
+line. Writes bench/results/demo_time.json and a line in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, command_line, record  # noqa: E402
+
+log = logging.getLogger("bench.demo_time")
+STEPS = ("demo-prune", "demo-eval", "demo-serve")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    times, outputs = {}, {}
+    for step in STEPS:
+        start = time.perf_counter()
+        proc = subprocess.run(["make", "--no-print-directory", step], cwd=REPO, capture_output=True, text=True)
+        times[step] = round(time.perf_counter() - start, 1)
+        outputs[step] = proc.stdout[-3000:]
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-5000:])
+            raise SystemExit(f"make {step} failed ({proc.returncode})")
+        log.info("%s: %.1f s", step, times[step])
+    out = REPO / "out" / "smollm2-armor"
+    summary = json.loads((out / "armor_report.json").read_text())["summary"]
+    ppl = json.loads(outputs["demo-eval"].strip().splitlines()[-1])
+    total = sum(times.values())
+    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "load_before": load_before, "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+            "command": command_line("demo_time.py")}
+    md = (f"\n## `make demo` step by step ({meta['date']})\n\nMachine: {meta['machine']}, load average "
+          f"{meta['load_before']} before, {meta['load_after']} after. Command: `{meta['command']}` (setup done).\n\n"
+          f"| step | seconds |\n| --- | --- |\n"
+          + "".join(f"| `make {k}` | {v:.0f} |\n" for k, v in times.items())
+          + f"| total | {total:.0f} |\n\nPrune phases (s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_seconds"].items())
+          + f"; budget {summary['time_budget_s']:.0f} s, stopped by: {summary['stopped']}; "
+          f"weights {summary['bytes_ratio']:.3f}x dense, A+B / core values {summary['ab_overhead']:.4f}; "
+          f"mean relative proxy loss {summary['mean_loss_final_relative']:.4f}; demo perplexity "
+          f"({ppl['windows']} WikiText-2 windows) {ppl['ppl']:.2f}.\n")
+    record("demo_time", {"meta": meta, "seconds": times, "total": total, "summary": summary, "ppl": ppl}, md)
+
+
+if __name__ == "__main__":
+    main()
