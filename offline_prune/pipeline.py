@@ -16,6 +16,7 @@ Peak memory is the model plus one layer's activations for all windows.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import re
@@ -37,7 +38,7 @@ from offline_prune.jobs import JobOptions
 from offline_prune.methods import PruningMethod, get_method
 from offline_prune.model_card import CARD_FILE, model_card
 from offline_prune.models import UserError, resolve_model
-from offline_prune.progress import Progress
+from offline_prune.progress import PROGRESS_DIR, Progress, pause_point
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 
@@ -146,9 +147,27 @@ def prune(args: PruneArgs, overwrite: bool = False, executor: Executor | None = 
         executor.close()
 
 
+def _finished_report(out: Path, args: PruneArgs) -> dict | None:
+    """The report of a run of the same arguments that already finished in ``out`` (a rerun after a kill that came
+    after the last write), else None."""
+    report_file = out / REPORT_FILE
+    if (out / PROGRESS_DIR).exists() or not report_file.is_file():
+        return None
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):
+        return None
+    done = {k: v for k, v in report.get("args", {}).items() if k != "out"}
+    return report if done == json.loads(json.dumps(args.run_key())) else None
+
+
 def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | None) -> dict:
     skip = re.compile(args.skip) if args.skip else None
     out = Path(args.out)
+    finished = None if overwrite else _finished_report(out, args)
+    if finished is not None:
+        log.info("%s already holds the finished run of these arguments: nothing to do", out)
+        return finished
     started = time.perf_counter()
     source, tokenizer, model, out_dtype = _load(args)
     arch = architecture_of(model)
@@ -173,11 +192,12 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
     state = checkpoint_state(model, results, out_dtype)  # pruned weights are replaced by their cores
     quant = fmt.make_quant_config(args.method, args.options.get("block_size"), list(results))
     write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
+    pause_point("final_write")
     size = fmt.footprint({k: fmt.info_of(v) for k, v in state.items()}, list(results))
     report = _report(args, source, reports, time.perf_counter() - started, executor.describe(), size, command)
-    (out / REPORT_FILE).write_text(_json(report))
-    (out / CARD_FILE).write_text(model_card(report))
-    progress.finish()
+    fmt.atomic_write_text(out / REPORT_FILE, _json(report))
+    fmt.atomic_write_text(out / CARD_FILE, model_card(report))
+    progress.finish()  # only now: a run killed before this point is finished by a rerun
     _log_summary(report, out)
     return report
 
@@ -215,6 +235,7 @@ def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch:
             with collect_stats(local, method.needs_gram, arch.shared_inputs) as local_stats:
                 outputs = _run_layer(layer.module, hidden, layer_kwargs)
             stats = {name: local_stats[layer.local_names[name]] for name in linears}
+            pause_point("calibration")
         executor.submit(LayerJobs(i, {n: linears[n].weight for n in todo}, {n: stats.get(n) for n in todo}), options)
         saver.save_all(executor.wait(todo) if sequential else executor.poll())
         bar.set_postfix(saver.postfix())
@@ -299,8 +320,6 @@ def _report(args: PruneArgs, source: str, reports: list[dict], seconds: float, e
 
 
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=1) + "\n"
 
 

@@ -23,6 +23,7 @@ HERE = Path(__file__).parent
 def startup_messages(armor_tiny_llama, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("malformed")
     dirs = {kind: af.make_malformed(armor_tiny_llama[0], root / kind, kind) for kind in af.ALL_MALFORMED}
+    dirs["good"] = armor_tiny_llama[0]  # the control: the same checks pass a valid checkpoint
     proc = subprocess.run(
         [sys.executable, str(HERE / "startup_errors.py"), *map(str, dirs.values())],
         capture_output=True, text=True, timeout=600,
@@ -31,6 +32,10 @@ def startup_messages(armor_tiny_llama, tmp_path_factory) -> dict[str, str]:
     assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
     by_dir = json.loads(line.split(" ", 1)[1])
     return {kind: by_dir[str(d)] for kind, d in dirs.items()}
+
+
+def test_valid_checkpoint_starts(startup_messages):
+    assert startup_messages["good"] == "STARTED"
 
 
 @pytest.mark.parametrize("kind", sorted(af.ALL_MALFORMED))

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -453,25 +454,81 @@ def _shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str,
     return shards
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")  # hidden, and not *.safetensors: never read as a weight file
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Make the fully written ``tmp`` durable and give it ``path``'s name in one step (a reader, or a rerun after a
+    kill, sees the old file or the new one, never half a file)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename); an OSError (full disk, read-only
+    folder) leaves no temporary file behind."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(text)
+        _replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
+                     before_replace: Callable[[], None] | None = None) -> None:
+    """`safetensors.torch.save_file` made atomic like `atomic_write_text`. A write error of the safetensors library
+    (it reports a full disk as its own error type) is raised as OSError naming the file. ``before_replace`` runs
+    between writing the temporary file and renaming it (a test hook)."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        try:
+            save_file(dict(tensors), tmp, metadata=metadata)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors' SafetensorError wraps the I/O error
+            raise OSError(f"cannot write {path}: {err}") from None
+        if before_replace is not None:
+            before_replace()
+        _replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_folder(out: Path, state: Mapping[str, torch.Tensor], config: Mapping,
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write ``state`` (in its order) as model.safetensors, or shards plus an index, and ``config`` as
-    config.json. Tensors are written as given: cast them to their checkpoint dtypes first."""
+    config.json, each file atomically. Tensors are written as given: cast them to their checkpoint dtypes first."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in state.items()}
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], out / WEIGHTS_FILE, metadata={"format": "pt"})
+        atomic_save_file(shards[0], out / WEIGHTS_FILE, metadata={"format": "pt"})
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / file, metadata={"format": "pt"})
+            atomic_save_file(shard, out / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-    (out / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
+    atomic_write_text(out / CONFIG_FILE, json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     for file in out.glob("*.safetensors"):
         file.chmod(0o644)  # readable by a non-root server process
 
