@@ -43,6 +43,7 @@ GREEDY_PROMPTS = [
 GREEDY_TOKENS = 32
 ROLES = ("greedy", "sampled", "stream", "n_best", "cancel", "too_long", "greedy", "mixed")
 RSS_EVERY_S = 30.0
+TOO_LONG_PAUSE_S = 0.5
 
 
 def server_rss_mb(pid: int) -> float:
@@ -128,6 +129,7 @@ def _request(role: str, i: int, client, model: str, tally: Tally, long_prompt: s
         except BadRequestError:
             with tally.lock:
                 tally.expected_400 += 1
+            time.sleep(TOO_LONG_PAUSE_S)  # a 400 costs the server nothing: keep this client from flooding the log
             return
         raise RuntimeError("a prompt longer than --max-model-len was accepted")
     elif role == "mixed":
@@ -149,8 +151,11 @@ def client_loop(role: str, client, model: str, tally: Tally, deadline: float, lo
 def run(args: argparse.Namespace) -> dict:
     from openai import OpenAI
 
-    server_args = ["--quantization", "armor", "--max-model-len", str(args.max_model_len), "--max-num-seqs",
-                   str(args.clients), "--enforce-eager", "--host", "127.0.0.1"]
+    from vllm_armor import checkpoint_format as fmt
+
+    armor = fmt.is_armor_config(fmt.read_config(args.armor_dir))  # a dense folder: a control run
+    server_args = [*(["--quantization", "armor"] if armor else []), "--max-model-len", str(args.max_model_len),
+                   "--max-num-seqs", str(args.clients), "--enforce-eager", "--host", "127.0.0.1", *args.server_arg]
     with VllmServer(args.armor_dir, server_args, timeout_s=900) as srv:
         model = str(args.armor_dir)
         client = OpenAI(base_url=f"{srv.base_url}/v1", api_key="EMPTY", timeout=300, max_retries=0)
@@ -183,16 +188,21 @@ def run(args: argparse.Namespace) -> dict:
         "greedy_prompts": len(GREEDY_PROMPTS), "reference": reference,
         "rss_mb": [(t, round(m, 1)) for t, m in rss], "rss_start_mb": round(rss[0][1], 1),
         "rss_end_mb": round(rss[-1][1], 1), "server_alive_at_end": alive, "startup_s": round(srv.startup_s, 1),
+        "armor": armor, "server_args": server_args,
     }
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("armor_dir", type=Path)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra `vllm serve` argument (repeat), e.g. --server-arg=--dtype=float32")
     parser.add_argument("--no-record", action="store_true", help="print the result only (debug runs)")
     args = parser.parse_args()
     load = Path("/proc/loadavg").read_text().split()[:3]
@@ -208,8 +218,11 @@ def main() -> None:
     growth = result["rss_end_mb"] - result["rss_start_mb"]
     by_role = ", ".join(f"{k} {v}" for k, v in sorted(result["requests"].items()))
     markdown = (
-        f"\n## Soak: vllm serve of an ARMOR checkpoint under load ({now:%Y-%m-%d})\n\n"
-        f"- {machine} (before the run), `{payload['command']}`, vLLM CPU, eager, --max-model-len "
+        f"\n## Soak: vllm serve of {'an ARMOR checkpoint' if result['armor'] else 'a dense model (control)'} under "
+        f"load ({now:%Y-%m-%d})\n\n"
+        f"- model `{args.armor_dir}`; server arguments `{' '.join(result['server_args'])}`\n"
+        f"- {machine} (before the run), `{payload['command']}`, vLLM CPU, eager, "
+        f"{' '.join(args.server_arg) or 'model dtype'}, --max-model-len "
         f"{args.max_model_len}, {args.clients} clients ({', '.join(payload['roles'])}) for {args.minutes:g} min\n"
         f"- requests: {result['requests_total']} ({by_role})"
         f"; expected 400s (prompt > model length): {result['expected_400']}; cancelled streams: "
