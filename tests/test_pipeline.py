@@ -208,8 +208,10 @@ def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_pat
     prune(tiny_args(tiny_llama, resumed, c4_path))
     assert not (resumed / ".progress").exists()
     assert _files(resumed) == _files(full)
+    prune(tiny_args(tiny_llama, resumed, c4_path))  # the same arguments on a finished run: nothing to do
+    assert _files(resumed) == _files(full)
     with pytest.raises(UserError, match="--overwrite"):
-        prune(tiny_args(tiny_llama, resumed, c4_path))
+        prune(tiny_args(tiny_llama, resumed, c4_path, iters=21))
     prune(tiny_args(tiny_llama, resumed, c4_path, method="magnitude"), overwrite=True)
 
 

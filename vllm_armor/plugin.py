@@ -45,6 +45,9 @@ class ArmorConfig(QuantizationConfig):
         # Filled by maybe_update_config from the safetensors headers: name -> (shape, dtype).
         self.tensor_index: dict[str, TensorInfo] = {}
         self.model_dir: str | None = None
+        self.model_dtype: torch.dtype | None = None  # config.json's dtype: the dtype core_values are stored in
+        self.served_modules: set[str] = set()  # pruned modules given to an ArmorLinearMethod (get_quant_method)
+        self._all_served_checked = False
 
     def __repr__(self) -> str:
         return (
@@ -77,7 +80,22 @@ class ArmorConfig(QuantizationConfig):
         their exact ARMOR shapes and missing tensors are reported before any weight is loaded."""
         self.model_dir = model_name
         folder = _local_dir(model_name, revision)
-        self.tensor_index = fmt.read_headers(folder) if folder is not None else {}
+        if folder is None:
+            return  # create_weights refuses: no headers
+        index = fmt.read_headers(folder)  # every file checked against its size: a damaged one names itself
+        self.model_dtype = fmt.config_dtype(fmt.read_config(folder))
+        fmt.check_checkpoint(index, self.quant_cfg["pruned_modules"], self.model_dtype)
+        self.tensor_index = index
+
+    def check_all_served(self) -> None:
+        """Every module of pruned_modules became an ARMOR layer of the model (called once the model is built, i.e.
+        when weights load): a listed module that is not a linear of the model is refused, not ignored."""
+        if self._all_served_checked or _pipeline_parallel():
+            return  # done, or other ranks hold the other layers
+        self._all_served_checked = True
+        missing = self.pruned_modules - self.served_modules
+        if missing:
+            raise fmt.not_in_model(missing)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         mapped = {}
@@ -102,6 +120,7 @@ class ArmorConfig(QuantizationConfig):
         shards = self.shard_modules(prefix)
         pruned = [s in self.pruned_modules for s in shards]
         if all(pruned):
+            self.served_modules.update(shards)
             return ArmorLinearMethod(self, prefix, shards)
         if any(pruned):
             dense = [s for s, p in zip(shards, pruned, strict=True) if not p]
@@ -110,6 +129,15 @@ class ArmorConfig(QuantizationConfig):
                 f"pruned_modules while {[s for s, p in zip(shards, pruned, strict=True) if p]} are; prune all or none"
             )
         return UnquantizedLinearMethod()
+
+
+def _pipeline_parallel() -> bool:
+    from vllm.distributed import get_pp_group
+
+    try:
+        return get_pp_group().world_size > 1
+    except AssertionError:  # no process group (a unit test): one rank
+        return False
 
 
 def _local_dir(model: str, revision: str | None) -> Path | None:
