@@ -191,7 +191,8 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
 
     with clock.phase("write"):
         report = _write(args, out, source, tokenizer, model, out_dtype, layers, progress, executor, command, clock)
-    report["summary"]["eta_check"] = eta.check(clock.elapsed())
+    report["summary"].update(wall_seconds=round(clock.elapsed(), 3), phase_seconds=clock.summary(),
+                             eta_check=eta.check(clock.elapsed()))  # the write phase included
     fmt.atomic_write_text(out / REPORT_FILE, _json(report))
     progress.finish()  # only now: a run killed before this point is finished by a rerun
     _log_summary(report, out)

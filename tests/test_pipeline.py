@@ -166,6 +166,7 @@ def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path):
     assert all(r["iterations"] >= 1 for r in report["linears"])
     assert set(s["phase_seconds"]) == {"load", "calibration", "optimisation", "write"}
     assert s["phase_seconds"]["optimisation"] > 0.5 * budget  # most of the budget went to the optimiser
+    assert s["phase_seconds"]["write"] > 0 and json.loads((tmp_path / "o" / "armor_report.json").read_text()) == report
     assert sum(s["phase_seconds"].values()) <= s["wall_seconds"] + 0.01
 
 
