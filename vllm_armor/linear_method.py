@@ -16,7 +16,7 @@ import torch
 
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
-from vllm_armor.kernels import KERNEL_ENV, ArmorKernel, LayerSpec, choose_kernel
+from vllm_armor.kernels import KERNEL_ENV, KERNELS, ArmorKernel, LayerSpec, choose_kernel
 from vllm_armor.tensor_parallel import LayerLayout
 
 from vllm.model_executor.layers.linear import (  # isort: skip
@@ -220,4 +220,5 @@ def _log_choice_once(kernel: str, reason: str) -> None:
     if kernel in _LOGGED_CHOICES:
         return
     _LOGGED_CHOICES.add(kernel)
-    logger.info("ARMOR kernel: %s (%s); set %s=dense|factored|sparse24 to override", kernel, reason, KERNEL_ENV)
+    logger.info("ARMOR kernel: %s (%s); set %s=%s to override", kernel, reason, KERNEL_ENV,
+                "|".join(k.name for k in KERNELS))

@@ -9,7 +9,6 @@ Every vLLM name used here and in `linear_method.py` is listed in `vllm_armor.vll
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
-from vllm_armor.kernels import AUTO, KERNEL_ENV
+from vllm_armor.kernels import KERNEL_ENV, compile_key
 from vllm_armor.linear_method import ArmorLinearMethod
 
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod  # isort: skip
@@ -165,8 +164,9 @@ def _add_kernel_env_to_compile_key() -> None:
     VLLM_ARMOR_KERNEL one of the hashed variables: switching it then compiles afresh instead of reusing a
     stale graph. (This also silences vLLM's "unknown VLLM_* variable" warning.)"""
     import vllm.envs as envs
+    from vllm.platforms import current_platform
 
-    envs.environment_variables.setdefault(KERNEL_ENV, lambda: os.environ.get(KERNEL_ENV, AUTO))
+    envs.environment_variables.setdefault(KERNEL_ENV, lambda: compile_key(current_platform.is_cpu()))
 
 
 _REGISTERED = False

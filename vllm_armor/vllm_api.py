@@ -67,4 +67,6 @@ VLLM_API: dict[str, tuple[str, ...]] = {
     # compile-cache key (plugin._add_kernel_env_to_compile_key; compile_factors in the tests)
     "vllm.envs:environment_variables": (),
     "vllm.envs:compile_factors": (),
+    # the CPU 2:4 kernel's availability joins that key on CPU platforms (kernels.compile_key)
+    "vllm.platforms:current_platform": (),
 }
