@@ -28,7 +28,7 @@ from offline_prune.progress import PAUSE_ENV, PAUSE_MARK, PROGRESS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = "out"  # relative to each test's working folder: the command line (kept in the report) is the same everywhere
-TIMINGS = {"seconds", "job_seconds", "wall_seconds"}
+TIMINGS = {"seconds", "job_seconds", "wall_seconds", "phase_seconds", "eta_check"}
 MAIN = "import sys; from offline_prune.cli import prune_main; sys.exit(prune_main())"  # = armor-prune
 
 
