@@ -38,15 +38,23 @@ the last three repeated a few times per mask step.
   * B: with A, C fixed, every column of B only moves its own column of A C B, so its weight h_j cancels:
     B_J = (Z_J^T Z_J)^-1 Z_J^T Wn_J with Z = A C (columns of block J).
 
+Fast-gram mode (``--optimizer fast-gram``, offline_prune.methods._armor_full): the same exact block steps on
+the full layer objective ||(A C B - W) X^T||_F^2 (H = X^T X instead of diag h, no NoWag normalisation, W not
+normalised) from SparseGPT's mask and values, so it is never worse than SparseGPT on that objective; the B solve
+becomes block-Jacobi-preconditioned CG over all blocks (H couples them). Like SparseGPT it is sequential: its
+statistics come from the already-pruned earlier layers. Its history is the relative layer objective, not the
+proxy.
+
 Guarantee (Theorem 3.1 of the paper, enforced here): every step (Adam, group update or block solve) that
 would raise L in floating point is rejected, so the history never rises and the returned loss is at most
-NoWag-P's. Same seed, same device: same result. All math is float32 whatever the input dtype; every block
-is handled by batched tensor ops.
+NoWag-P's (fast-gram: SparseGPT's). Same seed, same device: same result. All math is float32 whatever the
+input dtype; every block is handled by batched tensor ops.
 
 Registry entry (offline_prune.methods): options block_size (``auto``: per matrix the largest block whose A and B
 hold at most max_overhead x the core's kept values, `auto_block_sizes`; N: per dimension
 ``largest_block_size(dim, N)``), max_overhead, ab_dtype (how the checkpoint stores A and B), optimizer and
-iters; the per-matrix seed is offline_prune.jobs.job_seed.
+iters; the per-matrix seed is offline_prune.jobs.job_seed. With fast-gram the entry asks the walk for X^T X and
+sequential statistics (its ``needs_gram``/``sequential`` are functions of the options).
 """
 
 from __future__ import annotations
