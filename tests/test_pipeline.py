@@ -116,6 +116,7 @@ def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tm
     # layer 0 sees the same inputs in both runs; layer 1 sees the pruned layer 0 only with fast-gram
     assert energies["fast"] & energies["fast-gram"] and energies["fast"] != energies["fast-gram"]
     assert {r["optimizer"] for r in report["linears"]} == {"fast-gram"}
+    assert all(r["layer_loss_final_relative"] <= r["layer_loss_sparsegpt_relative"] for r in report["linears"])
     ids = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
         got = load_model(out)(ids, use_cache=False).logits

@@ -621,9 +621,11 @@ def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, opti
         time_limit=options.get(TIME_LIMIT), gram=gram,
         plateau=Plateau(DEFAULT_PLATEAU.window, options["plateau_tol"]) if options["plateau_tol"] > 0 else None,
     )
-    return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations,
-                       {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
-                        "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6), "stopped": res.stopped})
+    extra = {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
+             "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6), "stopped": res.stopped}
+    if gram is not None:  # its own objective, ||(W_hat - W) X^T||^2 / ||W X^T||^2: SparseGPT's, then its result
+        extra |= {"layer_loss_sparsegpt_relative": res.init_relative, "layer_loss_final_relative": res.final_relative}
+    return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations, extra)
 
 
 def _uses_gram(options: Mapping[str, Any]) -> bool:
