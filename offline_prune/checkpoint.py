@@ -69,12 +69,15 @@ def write_checkpoint(
 
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """A dense HF folder or an ARMOR checkpoint as a transformers model, by `from_pretrained`: the ARMOR layers are
-    `ArmorLinear`s built by the quantizer `vllm_armor.hf_quantizer` (computing in ``dtype``). A checkpoint whose
-    ARMOR layers were not built, or with missing or unexpected tensors, is refused (ArmorFormatError)."""
+    `ArmorLinear`s built by the quantizer `vllm_armor.hf_quantizer` (computing in ``dtype``). A damaged weight file,
+    a checkpoint whose ARMOR layers were not built, or with missing or unexpected tensors, is refused
+    (ArmorFormatError, one line)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(folder)
     config = fmt.read_config(path)
+    if fmt.is_armor_config(config) or any(path.glob("*.safetensors")):
+        fmt.read_headers(path)  # a damaged weight file names itself here, before transformers opens it
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     if fmt.is_armor_config(config):
         require_armor_layers(model, fmt.validate_quant_config(config["quantization_config"])["pruned_modules"], path)

@@ -27,6 +27,9 @@ def _guarded(main) -> int:
     except (UserError, ArmorFormatError) as err:
         log.error("%s", err)
         return 2
+    except OSError as err:  # full disk, read-only folder, ...: finished work under OUT/.progress is kept
+        log.error("I/O error: %s (finished work is kept; fix this and rerun the same command to resume)", err)
+        return 2
     except KeyboardInterrupt:
         log.error("interrupted: finished work is kept, rerun the same command to resume")
         return 130

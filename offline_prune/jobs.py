@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from offline_prune.methods import get_method
+from offline_prune.progress import pause_point
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_loss, proxy_scale
 from offline_prune.statistics import InputStats
 from vllm_armor import checkpoint_format as fmt
@@ -69,6 +70,7 @@ def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options
     h = clean_h(stats.h) if stats is not None else torch.ones(d_in)
     w, h = w.to(options.device), h.to(options.device)
     out = method.prune(w, stats, h, options.params, job_seed(options.seed, module), options.device)
+    pause_point("job")
     report: dict = {"name": module, "shape": [d_out, d_in], "method": options.method, **out.report_extra}
     tensors = fmt.encode_linear(out.core, out.mask, out.a_blocks, out.b_blocks)
     fmt.validate_linear(module, tensors, expected_shape=(d_out, d_in))  # never save a non-finite result

@@ -16,6 +16,7 @@ Peak memory is the model plus one layer's activations for all windows.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import re
@@ -37,7 +38,7 @@ from offline_prune.jobs import JobOptions
 from offline_prune.methods import PruningMethod, get_method
 from offline_prune.model_card import CARD_FILE, model_card
 from offline_prune.models import UserError, resolve_model
-from offline_prune.progress import Progress
+from offline_prune.progress import PROGRESS_DIR, Progress, pause_point
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 
@@ -147,9 +148,27 @@ def prune(args: PruneArgs, overwrite: bool = False, executor: Executor | None = 
         executor.close()
 
 
+def _finished_report(out: Path, args: PruneArgs) -> dict | None:
+    """The report of a run of the same arguments that already finished in ``out`` (a rerun after a kill that came
+    after the last write), else None."""
+    report_file = out / REPORT_FILE
+    if (out / PROGRESS_DIR).exists() or not report_file.is_file():
+        return None
+    try:
+        report = json.loads(report_file.read_text())
+    except (OSError, ValueError):
+        return None
+    done = {k: v for k, v in report.get("args", {}).items() if k != "out"}
+    return report if done == json.loads(json.dumps(args.run_key())) else None
+
+
 def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | None) -> dict:
     skip = re.compile(args.skip) if args.skip else None
     out = Path(args.out)
+    finished = None if overwrite else _finished_report(out, args)
+    if finished is not None:
+        log.info("%s already holds the finished run of these arguments: nothing to do", out)
+        return finished
     clock = PhaseClock()
     with clock.phase("load"):
         source, tokenizer, model, out_dtype = _load(args)
@@ -172,9 +191,10 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
 
     with clock.phase("write"):
         report = _write(args, out, source, tokenizer, model, out_dtype, layers, progress, executor, command, clock)
-    report["summary"]["eta_check"] = eta.check(clock.elapsed())
-    (out / REPORT_FILE).write_text(_json(report))
-    progress.finish()
+    report["summary"].update(wall_seconds=round(clock.elapsed(), 3), phase_seconds=clock.summary(),
+                             eta_check=eta.check(clock.elapsed()))  # the write phase included
+    fmt.atomic_write_text(out / REPORT_FILE, _json(report))
+    progress.finish()  # only now: a run killed before this point is finished by a rerun
     _log_summary(report, out)
     return report
 
@@ -195,9 +215,10 @@ def _write(args: PruneArgs, out: Path, source: str, tokenizer, model: nn.Module,
                                   args.options.get("max_overhead") if args.options.get("block_size") == "auto"
                                   else None, size)
     write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
+    pause_point("final_write")
     report = _report(args, source, reports, clock, executor.describe(), size, command)
-    (out / REPORT_FILE).write_text(_json(report))
-    (out / CARD_FILE).write_text(model_card(report))
+    fmt.atomic_write_text(out / REPORT_FILE, _json(report))
+    fmt.atomic_write_text(out / CARD_FILE, model_card(report))
     return report
 
 
@@ -238,6 +259,7 @@ def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch:
                 with collect_stats(local, want_gram, arch.shared_inputs) as local_stats:
                     outputs = _run_layer(layer.module, hidden, layer_kwargs)
                 stats = {name: local_stats[layer.local_names[name]] for name in linears}
+            pause_point("calibration")
         limits = {}
         if budget is not None and todo:
             budget.calibrated_layers = i + 1
@@ -381,8 +403,6 @@ def _count(values: Iterable) -> dict:
 
 
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=1) + "\n"
 
 

@@ -1,30 +1,61 @@
 """Crash-safe progress under OUT/.progress/: one safetensors file per finished linear, written atomically.
 
 A rerun of the same command finds the finished linears and continues; a rerun with other arguments is
-refused unless --overwrite (which starts over).
+refused unless --overwrite (which starts over). Every file is written to a temporary name, fsynced and renamed
+(`checkpoint_format.atomic_save_file`), so a kill -9 at any moment leaves either the whole file or none, never
+half a file that a rerun would trust. The final checkpoint is written while .progress/ still exists; only then is
+.progress/ retired (renamed, then removed), so a run killed during its final write is finished by a rerun.
+
+`pause_point` is a test hook: with ARMOR_PRUNE_PAUSE_AT=POINT[:N] in the environment, the N-th time the run passes
+POINT it writes ``ARMOR_PRUNE_PAUSED POINT`` to stderr and sleeps, so that a test can SIGKILL it right there.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from offline_prune.models import UserError
+from vllm_armor import checkpoint_format as fmt
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+PROGRESS_DIR = ".progress"
+RETIRED_DIR = ".progress.done"  # .progress/ renamed once the checkpoint is complete, then removed
+PAUSE_ENV = "ARMOR_PRUNE_PAUSE_AT"
+PAUSE_MARK = "ARMOR_PRUNE_PAUSED"
+_pause_hits: dict[str, int] = {}
+
+
+def pause_point(point: str) -> None:
+    """Test hook (see the module docstring); does nothing unless ARMOR_PRUNE_PAUSE_AT names ``point``."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    name, _, nth = spec.partition(":")
+    if name != point:
+        return
+    _pause_hits[point] = _pause_hits.get(point, 0) + 1
+    if _pause_hits[point] == int(nth or 1):
+        sys.stderr.write(f"{PAUSE_MARK} {point}\n")
+        sys.stderr.flush()
+        time.sleep(3600)
 
 
 class Progress:
     def __init__(self, out: Path, run_args: dict, overwrite: bool) -> None:
-        self.dir = out / ".progress"
+        self.dir = out / PROGRESS_DIR
         if overwrite and out.exists():
             shutil.rmtree(out)
+        shutil.rmtree(out / RETIRED_DIR, ignore_errors=True)  # a run killed while removing its finished progress
         if out.exists() and any(out.iterdir()) and not (self.dir / RUN_FILE).exists():
             raise UserError(f"output folder {out} exists and is not an unfinished run: pass --overwrite to replace it")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +69,7 @@ class Progress:
                     "rerun the same command to resume, or pass --overwrite to start over"
                 )
         else:
-            _atomic_write_text(run_file, json.dumps(run_args, indent=1, sort_keys=True))
+            fmt.atomic_write_text(run_file, json.dumps(run_args, indent=1, sort_keys=True))
 
     def _file(self, module: str) -> Path:
         return self.dir / f"{module}.safetensors"
@@ -47,10 +78,9 @@ class Progress:
         return self._file(module).exists()
 
     def save(self, module: str, tensors: dict[str, torch.Tensor], report: dict) -> None:
-        path = self._file(module)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"report": json.dumps(report)})
-        os.replace(tmp, path)
+        fmt.atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, self._file(module),
+                             metadata={"report": json.dumps(report)},
+                             before_replace=lambda: pause_point("progress_write"))
 
     def load(self, module: str) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(self._file(module), framework="pt") as f:
@@ -59,10 +89,7 @@ class Progress:
         return tensors, report
 
     def finish(self) -> None:
-        shutil.rmtree(self.dir)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        """Retire .progress/ in one step (the checkpoint beside it is complete), then remove it."""
+        retired = self.dir.parent / RETIRED_DIR
+        os.replace(self.dir, retired)
+        shutil.rmtree(retired)

@@ -213,8 +213,10 @@ def swap_kv_b(armor_dir: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------
 
 L0 = "model.layers.0"
+L1 = "model.layers.1"
+# Refused by every reader (vLLM start-up, the offline loader / armor-eval, armor-check) with the same message:
+# kind -> expected text in the error.
 MALFORMED = {
-    # kind: (expected text in the start-up error)
     "missing_tensor": f"'{L0}.mlp.down_proj.core_meta' is missing",
     "missing_shard": f"'{L0}.self_attn.k_proj.core_values' is missing",
     "wrong_shape": f"'{L0}.self_attn.o_proj.core_values': expected shape",
@@ -222,8 +224,40 @@ MALFORMED = {
     "keeps_1": f"'{L0}.mlp.gate_proj.core_meta': row 0, group 0 keeps 1 of 4",
     "nan": f"'{L0}.self_attn.v_proj.core_values': contains NaN",
     "block_not_dividing": f"'{L0}.self_attn.q_proj.armor_a': 3 blocks of 100 do not cover the output dimension",
-    "partly_pruned": f"fused layer '{L0}.mlp.gate_up_proj' is only partly pruned",
+    # 1. damaged files
+    "empty_file": "model.safetensors: is empty",
+    "truncated": "model.safetensors: truncated: tensor",
+    "bad_header": "model.safetensors: unreadable header",
+    # 2. types are checked from the headers, never cast
+    "meta_int8": f"'{L0}.mlp.down_proj.core_meta': expected dtype uint8, got torch.int8",
+    "values_f32": f"'{L0}.self_attn.o_proj.core_values': stored as torch.float32, expected the model dtype "
+                  "torch.bfloat16",
+    "b_int": f"'{L0}.mlp.up_proj.armor_b': expected a floating dtype, got torch.int32",
+    # 3. config and tensors agree
+    "unlisted_tensors": f"'{L0}.mlp.up_proj.armor_a' (model.safetensors) belongs to no module in "
+                        "quantization_config.pruned_modules",
+    "dense_and_listed": f"pruned module '{L0}.mlp.down_proj' also has a dense tensor '{L0}.mlp.down_proj.weight'",
+    # 4. numerics
+    "overflow": f"ARMOR layer '{L0}.mlp.down_proj': the reconstructed weight A @ core @ B is not finite in "
+                "torch.bfloat16",
+    "value_overflow": f"'{L0}.self_attn.q_proj.armor_a': has values that overflow torch.bfloat16",
+    # 5. the shard of a fused layer that is wrong is named, and the tensor that is wrong (not one derived from it)
+    "k_values_f16": f"'{L0}.self_attn.k_proj.core_values': stored as torch.float16",
+    "k_meta_rank": f"'{L0}.self_attn.k_proj.core_meta': expected a 2-D tensor",
+    "meta_cols": f"'{L0}.mlp.gate_proj.core_meta': expected shape (768, 48) for a 768x384 layer",
 }
+# Refused by both readers that build a model (vLLM, the offline loader); armor-check has no model to compare with.
+MALFORMED_MODEL = {
+    "not_in_model": f"pruned module '{L1}.mlp.zz_proj' (quantization_config.pruned_modules) is not a linear layer "
+                    "of the model",
+}
+# Refused by vLLM only: valid in the format, but vLLM fuses q/k/v and gate/up into one layer.
+MALFORMED_VLLM = {
+    "partly_pruned": f"fused layer '{L0}.mlp.gate_up_proj' is only partly pruned",
+    "k_no_ab": f"'{L0}.self_attn.k_proj' carries no A/B (armor_a/armor_b) while '{L0}.self_attn.q_proj' of the same "
+               "fused layer",
+}
+ALL_MALFORMED = {**MALFORMED, **MALFORMED_MODEL, **MALFORMED_VLLM}
 
 
 def _set_nibble(meta: torch.Tensor, row: int, group: int, nibble: int) -> None:
@@ -232,13 +266,9 @@ def _set_nibble(meta: torch.Tensor, row: int, group: int, nibble: int) -> None:
     meta[row, group // 2] = byte
 
 
-def make_malformed(armor_dir: Path, out: Path, kind: str) -> Path:
-    """Copy of ``armor_dir`` broken in one way (see MALFORMED)."""
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(armor_dir, out)
-    cfg, tensors = load_armor_tensors(armor_dir)
-    t = {k: v.clone() for k, v in tensors.items()}
+def _break_tensors(kind: str, cfg: dict, t: dict[str, torch.Tensor]) -> None:
+    """Break the tensors ``t`` (or the config ``cfg``) of a checkpoint in place, the way ``kind`` says."""
+    quant = cfg["quantization_config"]
     if kind == "missing_tensor":
         del t[f"{L0}.mlp.down_proj.core_meta"]
     elif kind == "missing_shard":
@@ -255,12 +285,71 @@ def make_malformed(armor_dir: Path, out: Path, kind: str) -> Path:
         t[f"{L0}.self_attn.v_proj.core_values"][1, 2] = float("nan")
     elif kind == "block_not_dividing":
         t[f"{L0}.self_attn.q_proj.armor_a"] = _random_blocks(3, 100, torch.Generator().manual_seed(0))
-    elif kind == "partly_pruned":
-        quant = cfg["quantization_config"]
-        quant["pruned_modules"] = [m for m in quant["pruned_modules"] if m != f"{L0}.mlp.up_proj"]
+    elif kind == "partly_pruned":  # up_proj dense (a valid --skip result offline), gate_proj pruned
+        module = f"{L0}.mlp.up_proj"
+        t[f"{module}.weight"] = cf.reconstruct_weight(cf.linear_tensors(t, module)).to(torch.bfloat16)
+        for s in cf.TENSOR_SUFFIXES:
+            del t[cf.tensor_name(module, s)]
+        quant["pruned_modules"].remove(module)
+    elif kind == "unlisted_tensors":
+        quant["pruned_modules"].remove(f"{L0}.mlp.up_proj")
+    elif kind == "dense_and_listed":
+        t[f"{L0}.mlp.down_proj.weight"] = torch.zeros(384, 768, dtype=torch.bfloat16)
+    elif kind == "meta_int8":
+        t[f"{L0}.mlp.down_proj.core_meta"] = t[f"{L0}.mlp.down_proj.core_meta"].view(torch.int8)
+    elif kind == "values_f32":
+        t[f"{L0}.self_attn.o_proj.core_values"] = t[f"{L0}.self_attn.o_proj.core_values"].float()
+    elif kind == "b_int":
+        t[f"{L0}.mlp.up_proj.armor_b"] = t[f"{L0}.mlp.up_proj.armor_b"].round().to(torch.int32)
+    elif kind == "overflow":  # every tensor finite, A @ core @ B is not
+        for s in (cf.ARMOR_A, cf.ARMOR_B):
+            t[f"{L0}.mlp.down_proj.{s}"] = t[f"{L0}.mlp.down_proj.{s}"] * 1e20
+    elif kind == "value_overflow":  # finite in float32 (as stored), Inf in bfloat16 (the model dtype)
+        t[f"{L0}.self_attn.q_proj.armor_a"][0, 0, 0] = 3.4e38
+    elif kind == "k_values_f16":
+        t[f"{L0}.self_attn.k_proj.core_values"] = t[f"{L0}.self_attn.k_proj.core_values"].half()
+    elif kind == "k_meta_rank":
+        t[f"{L0}.self_attn.k_proj.core_meta"] = t[f"{L0}.self_attn.k_proj.core_meta"].reshape(-1)
+    elif kind == "meta_cols":
+        t[f"{L0}.mlp.gate_proj.core_meta"] = t[f"{L0}.mlp.gate_proj.core_meta"][:, :40].contiguous()
+    elif kind == "not_in_model":  # listed, valid tensors, but no such linear in the model
+        module = f"{L1}.mlp.zz_proj"
+        t.update({cf.tensor_name(module, s): v.clone() for s, v in cf.linear_tensors(t, f"{L1}.mlp.down_proj").items()})
+        quant["pruned_modules"] = sorted([*quant["pruned_modules"], module])
+    elif kind == "k_no_ab":
+        for s in (cf.ARMOR_A, cf.ARMOR_B):
+            del t[f"{L0}.self_attn.k_proj.{s}"]
     else:
         raise ValueError(f"unknown malformation {kind!r}")
+
+
+def _damage_file(path: Path, kind: str) -> None:
+    """Damage a written safetensors file: empty, data cut short, or header bytes that are not JSON."""
+    data = path.read_bytes()
+    if kind == "empty_file":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[:-100])
+    elif kind == "bad_header":
+        n = int.from_bytes(data[:8], "little")
+        path.write_bytes(data[:8] + b"\xff" * n + data[8 + n:])
+
+
+FILE_DAMAGE = ("empty_file", "truncated", "bad_header")
+
+
+def make_malformed(armor_dir: Path, out: Path, kind: str) -> Path:
+    """Copy of ``armor_dir`` broken in one way (see MALFORMED, MALFORMED_MODEL, MALFORMED_VLLM)."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(armor_dir, out)
+    cfg, tensors = load_armor_tensors(armor_dir)
+    t = {k: v.clone() for k, v in tensors.items()}
+    if kind not in FILE_DAMAGE:
+        _break_tensors(kind, cfg, t)
     cf.write_folder(out, t, cfg)
+    if kind in FILE_DAMAGE:
+        _damage_file(out / cf.WEIGHTS_FILE, kind)
     return out
 
 

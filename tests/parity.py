@@ -68,3 +68,19 @@ def offline_report(model, runs: list[Greedy]) -> OfflineReport:
 
 def armor_model_dir(path: Path) -> Path:
     return path
+
+
+@torch.no_grad()
+def divergence_margins(model, runs_a: list[Greedy], runs_b: list[Greedy]) -> list[float]:
+    """Where two greedy runs of the same prompts first part, the offline fp32 model's logit gap between the
+    two tokens chosen there (one entry per parted prompt). Two kernels that round differently may part only
+    at a near tie: every gap must be below MARGIN_TOL."""
+    gaps = []
+    for a, b in zip(runs_a, runs_b, strict=True):
+        assert a.prompt_ids == b.prompt_ids
+        i = next((k for k, (x, y) in enumerate(zip(a.tokens, b.tokens, strict=False)) if x != y), None)
+        if i is None:
+            continue
+        logits = model(torch.tensor([a.prompt_ids + a.tokens[:i]])).logits[0, -1].float()
+        gaps.append(abs(float(logits[a.tokens[i]] - logits[b.tokens[i]])))
+    return gaps

@@ -86,7 +86,7 @@ def test_validate_rejects_nan_and_shapes_and_missing():
     del t[fmt.CORE_VALUES]
     with pytest.raises(fmt.ArmorFormatError, match=r"'x\.core_values' is missing"):
         fmt.validate_linear("x", t)
-    with pytest.raises(fmt.ArmorFormatError, match=r"expected shape \(8, 16\) for a 8x32 layer.*a 8x16 weight"):
+    with pytest.raises(fmt.ArmorFormatError, match=r"core_meta': expected shape \(8, 4\) for a 8x32.*8x16 weight"):
         fmt.validate_linear("x", _tensors(), expected_shape=(8, 32))
 
 
@@ -158,7 +158,7 @@ def test_expected_shapes_are_what_validation_and_headers_check():
     bad = {**shapes, fmt.CORE_META: (8, 2, 1)}
     with pytest.raises(fmt.ArmorFormatError, match=r"'m\.core_meta': expected a 2-D tensor"):
         fmt.check_shapes("m", bad)
-    with pytest.raises(fmt.ArmorFormatError, match=r"'m\.core_values': expected shape \(8, 16\) for a 8x32 layer"):
+    with pytest.raises(fmt.ArmorFormatError, match=r"'m\.core_meta': expected shape \(8, 4\) for a 8x32 layer"):
         fmt.check_shapes("m", shapes, d_in=32)
 
 

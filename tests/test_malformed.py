@@ -1,4 +1,7 @@
-"""Malformed ARMOR checkpoints fail at vLLM start-up with one message naming the tensor and the problem."""
+"""Malformed ARMOR checkpoints fail at vLLM start-up with one message naming the file, tensor or layer and the
+problem (the same message as the offline reader's and armor-check's, tests/test_bad_checkpoints.py): damaged files,
+wrong dtypes, config and tensors that disagree, non-finite layers, fused-layer shards that disagree. All of them run
+through one subprocess (tests/startup_errors.py), one vLLM start attempt each."""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def startup_messages(armor_tiny_llama, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("malformed")
-    dirs = {kind: af.make_malformed(armor_tiny_llama[0], root / kind, kind) for kind in af.MALFORMED}
+    dirs = {kind: af.make_malformed(armor_tiny_llama[0], root / kind, kind) for kind in af.ALL_MALFORMED}
+    dirs["good"] = armor_tiny_llama[0]  # the control: the same checks pass a valid checkpoint
     proc = subprocess.run(
         [sys.executable, str(HERE / "startup_errors.py"), *map(str, dirs.values())],
         capture_output=True, text=True, timeout=600,
@@ -30,12 +34,17 @@ def startup_messages(armor_tiny_llama, tmp_path_factory) -> dict[str, str]:
     return {kind: by_dir[str(d)] for kind, d in dirs.items()}
 
 
-@pytest.mark.parametrize("kind", sorted(af.MALFORMED))
+def test_valid_checkpoint_starts(startup_messages):
+    assert startup_messages["good"] == "STARTED"
+
+
+@pytest.mark.parametrize("kind", sorted(af.ALL_MALFORMED))
 def test_malformed_checkpoint_fails_at_startup(startup_messages, kind):
     message = startup_messages[kind]
     assert message != "STARTED", f"{kind}: vLLM started on a malformed checkpoint"
-    assert message.startswith("ArmorFormatError"), message
-    assert af.MALFORMED[kind] in message, message
+    assert message.startswith("ArmorFormatError: "), message  # not wrapped (e.g. in pydantic's ValidationError)
+    assert "\n" not in message, message
+    assert af.ALL_MALFORMED[kind] in message, message
 
 
 def test_vllm_serve_reports_missing_tensor(armor_tiny_llama, tmp_path):

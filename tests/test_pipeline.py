@@ -196,6 +196,7 @@ def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path):
     assert all(r["iterations"] >= 1 for r in report["linears"])
     assert set(s["phase_seconds"]) == {"load", "calibration", "optimisation", "write"}
     assert s["phase_seconds"]["optimisation"] > 0.5 * budget  # most of the budget went to the optimiser
+    assert s["phase_seconds"]["write"] > 0 and json.loads((tmp_path / "o" / "armor_report.json").read_text()) == report
     assert sum(s["phase_seconds"].values()) <= s["wall_seconds"] + 0.01
 
 
@@ -238,8 +239,10 @@ def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_pat
     prune(tiny_args(tiny_llama, resumed, c4_path))
     assert not (resumed / ".progress").exists()
     assert _files(resumed) == _files(full)
+    prune(tiny_args(tiny_llama, resumed, c4_path))  # the same arguments on a finished run: nothing to do
+    assert _files(resumed) == _files(full)
     with pytest.raises(UserError, match="--overwrite"):
-        prune(tiny_args(tiny_llama, resumed, c4_path))
+        prune(tiny_args(tiny_llama, resumed, c4_path, iters=21))
     prune(tiny_args(tiny_llama, resumed, c4_path, method="magnitude"), overwrite=True)
 
 

@@ -82,6 +82,12 @@ def test_kernel_env_is_part_of_compile_cache_key(armor_config_cls, monkeypatch):
     monkeypatch.setenv("VLLM_ARMOR_KERNEL", "factored")
     factored = envs.compile_factors()
     assert dense["VLLM_ARMOR_KERNEL"] == "dense" and factored["VLLM_ARMOR_KERNEL"] == "factored"
+    # under auto on CPU the key says whether the CPU 2:4 kernel (another traced graph) is available
+    from vllm_armor.kernels.sparse24_cpu import available
+
+    monkeypatch.delenv("VLLM_ARMOR_KERNEL")
+    auto = envs.compile_factors()["VLLM_ARMOR_KERNEL"]
+    assert auto == ("auto+sparse24_cpu" if available()[0] else "auto")
 
 
 # -- sharding rules -------------------------------------------------------------------------------
@@ -124,20 +130,22 @@ def _spec(device="cpu", dtype=torch.bfloat16, out_sizes=(64,), d_in=64, has_ab=T
     return LayerSpec(torch.device(device), dtype, out_sizes, d_in, has_ab)
 
 
-def test_cpu_auto_picks_dense_fold():
-    kernel, reason = choose_kernel(_spec(), "auto")
+def test_cpu_auto_picks_dense_fold_for_float32():
+    # bf16 CPU layers go to sparse24_cpu where it builds (tests/test_cpu_kernel.py); float32 ones to the fold.
+    kernel, reason = choose_kernel(_spec(dtype=torch.float32), "auto")
     assert kernel is DenseFoldKernel and "folded" in reason and "not sparse24" in reason
+    assert "not sparse24_cpu: the CPU 2:4 kernel computes in bf16" in reason
     with pytest.raises(ValueError, match="sparse24 is not available"):
         choose_kernel(_spec(), "sparse24")
     assert choose_kernel(_spec(), "factored")[0] is FactoredKernel
 
 
 def test_kernel_list_order_and_env(monkeypatch):
-    assert [k.name for k in KERNELS] == ["sparse24", "dense", "factored"]
+    assert [k.name for k in KERNELS] == ["sparse24", "sparse24_cpu", "dense", "factored"]
     monkeypatch.setenv("VLLM_ARMOR_KERNEL", "Factored ")
     assert choose_kernel(_spec())[0] is FactoredKernel
     monkeypatch.setenv("VLLM_ARMOR_KERNEL", "fastest")
-    with pytest.raises(ValueError, match="not one of: auto, sparse24, dense, factored"):
+    with pytest.raises(ValueError, match="not one of: auto, sparse24, sparse24_cpu, dense, factored"):
         choose_kernel(_spec())
 
 
@@ -147,7 +155,7 @@ def test_sparse24_shape_rules_without_a_gpu(monkeypatch):
     assert not Sparse24Kernel.can_implement(_spec(dtype=torch.float32))[0]
     assert not Sparse24Kernel.can_implement(_spec(out_sizes=(64, 8)))[0]
     # A forced kernel that cannot run one layer leaves that layer to auto (here: the next kernel, dense).
-    kernel, reason = choose_kernel(_spec(d_in=96), "sparse24")
+    kernel, reason = choose_kernel(_spec(d_in=96, dtype=torch.float32), "sparse24")
     assert kernel is DenseFoldKernel and "cannot run this layer" in reason
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import armor_fixtures as af
 import pytest
 import torch
-from parity import Greedy, greedy_all, offline_report
+from parity import MARGIN_TOL, Greedy, divergence_margins, greedy_all, offline_report
 
 from tools.vllm_server import VllmServer
 
@@ -72,13 +72,25 @@ def test_chat_and_streaming(smol):
     assert len([c for c in smol.stream if c]) >= 2, smol.stream
 
 
-def test_greedy_parity_with_dense_folded_twin(smol):
-    assert [g.tokens for g in smol.greedy["armor"]] == [g.tokens for g in smol.greedy["dense"]]
+@pytest.fixture(scope="module")
+def offline_smol(armor_smollm2):
+    from offline_prune.checkpoint import load_model
+
+    return load_model(armor_smollm2)
 
 
-def test_tp3_greedy_parity_with_dense_folded_twin_at_tp3(smol):
-    """Under TP=3 the ARMOR model gives exactly the tokens vLLM gives for its dense twin under TP=3."""
-    assert [g.tokens for g in smol.greedy["tp3"]] == [g.tokens for g in smol.greedy["dense_tp3"]]
+def test_greedy_parity_with_dense_folded_twin(smol, offline_smol):
+    """Served with `auto` (the CPU 2:4 kernel where it builds) the tokens are the dense twin's, up to near ties
+    of the offline fp32 model (parity.divergence_margins: the kernel rounds B x and the core's output to bf16
+    where the fold rounds A·core·B once)."""
+    gaps = divergence_margins(offline_smol, smol.greedy["armor"], smol.greedy["dense"])
+    assert all(g < MARGIN_TOL for g in gaps), gaps
+
+
+def test_tp3_greedy_parity_with_dense_folded_twin_at_tp3(smol, offline_smol):
+    """Under TP=3 the ARMOR model gives the tokens vLLM gives for its dense twin under TP=3, up to near ties."""
+    gaps = divergence_margins(offline_smol, smol.greedy["tp3"], smol.greedy["dense_tp3"])
+    assert all(g < MARGIN_TOL for g in gaps), gaps
 
 
 def test_tp3_tokens_are_offline_armorlinear_top_choice(smol, armor_smollm2):

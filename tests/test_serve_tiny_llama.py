@@ -3,7 +3,7 @@
 One module-scoped fixture runs the servers one after another (never two at once) and records what the
 tests assert on, all with vLLM's default compilation (eager serving and TP=3 are covered on SmolLM2 in
 test_serve_smollm2.py): the ARMOR checkpoint (chat, streaming, greedy tokens), its dense-folded twin, and
-the factored kernel.
+the factored kernel. The ARMOR run uses `auto`, which is the CPU 2:4 kernel (`sparse24_cpu`) where it builds.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import armor_fixtures as af
 import pytest
-from parity import Greedy, greedy_all, offline_report
+from parity import MARGIN_TOL, Greedy, divergence_margins, greedy_all, offline_report
 
 from tools.vllm_server import VllmServer
 
@@ -66,15 +66,22 @@ def test_streaming(runs):
 
 
 def test_kernel_choice_logged_once(runs):
-    lines = [ln for ln in runs.log.splitlines() if "ARMOR kernel: dense" in ln]
-    assert len(lines) == 1, lines
+    """auto serves the bf16 model with the CPU 2:4 kernel where it builds (else the fold, saying why)."""
+    from vllm_armor.kernels.sparse24_cpu import available
+
+    kernel = "sparse24_cpu" if available()[0] else "dense"
+    lines = [ln for ln in runs.log.splitlines() if "ARMOR kernel: " in ln]
+    assert len(lines) == 1 and f"ARMOR kernel: {kernel} " in lines[0], lines
 
 
-def test_compiled_parity_with_dense_folded_twin(runs):
-    # vLLM's compiled and eager graphs round differently, so compiled is compared with compiled.
-    for armor, dense in zip(runs.greedy["armor_compiled"], runs.greedy["dense_compiled"], strict=True):
-        assert armor.prompt_ids == dense.prompt_ids
-        assert armor.tokens == dense.tokens
+def test_compiled_parity_with_dense_folded_twin(runs, offline):
+    """The default kernel (the CPU 2:4 kernel on CPUs that build it) gives the fold's greedy tokens, up to
+    near ties: it rounds A, B x and the core's output to bf16 where the fold rounds A·core·B once, and this
+    random model has small logit margins (parity.py), so its runs part from the fold's (measured: all 3
+    prompts, the first at token 16), but only where the fp32 model's two candidates are within MARGIN_TOL.
+    vLLM's compiled and eager graphs round differently, so compiled is compared with compiled."""
+    gaps = divergence_margins(offline, runs.greedy["armor_compiled"], runs.greedy["dense_compiled"])
+    assert all(g < MARGIN_TOL for g in gaps), gaps
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import armor_fixtures as af
 import pytest
-from parity import greedy_all, offline_report
+from parity import MARGIN_TOL, divergence_margins, greedy_all, offline_report
 
 from tools.vllm_server import VllmServer
 
@@ -25,9 +25,13 @@ def variants(armor_tiny_qwen2, armor_tiny_llama_24):
     return out
 
 
-@pytest.mark.parametrize("name", ["qwen2", "plain24"])
-def test_greedy_parity_with_dense_folded_twin(variants, name):
-    assert [g.tokens for g in variants[f"{name}_armor"]] == [g.tokens for g in variants[f"{name}_dense"]]
+@pytest.mark.parametrize(("name", "fixture"), [("qwen2", "armor_tiny_qwen2"), ("plain24", "armor_tiny_llama_24")])
+def test_greedy_parity_with_dense_folded_twin(variants, name, fixture, request):
+    """Served with `auto` (the CPU 2:4 kernel where it builds), the tokens are the fold's up to near ties of the
+    fp32 model (parity.divergence_margins: the kernel rounds B x and the core's output to bf16)."""
+    offline = af.offline_fp32_model(request.getfixturevalue(fixture)[0])
+    gaps = divergence_margins(offline, variants[f"{name}_armor"], variants[f"{name}_dense"])
+    assert all(g < MARGIN_TOL for g in gaps), gaps
 
 
 @pytest.mark.parametrize(("name", "fixture"), [("qwen2", "armor_tiny_qwen2"), ("plain24", "armor_tiny_llama_24")])

@@ -1,7 +1,8 @@
 """`armor-check DIR`: validate an ARMOR checkpoint folder without loading a model (docs/FORMAT.md).
 
-Checks config.json's quantization_config, every pruned module's tensors (`checkpoint_format.validate_linear`),
-that every ARMOR tensor belongs to a listed module and that no listed module also keeps a dense weight. Prints
+Checks every weight file against its header, config.json's quantization_config, that every ARMOR tensor belongs
+to a listed module and no listed module also keeps a dense weight (`checkpoint_format.check_checkpoint`), and every
+pruned module's tensors (`checkpoint_format.validate_linear`, numerics in the model dtype). Prints
 one line: ``OK DIR: ...`` and exit code 0, or ``FAIL DIR: <what, naming the file or tensor>`` and exit code 2.
 Imports torch and safetensors only (not vLLM, not transformers); reads one module's tensors at a time.
 """
@@ -21,9 +22,10 @@ GB = 1e9
 
 
 def _open_all(stack: ExitStack, folder: Path) -> dict[str, tuple[Path, object]]:
-    """Tensor name -> (file, open safetensors handle) for every weight file; a damaged file names itself."""
+    """Tensor name -> (file, open safetensors handle) for every weight file (each checked by its header first)."""
     where: dict[str, tuple[Path, object]] = {}
     for path in fmt.weight_files(folder):
+        fmt.read_header(path)  # empty, truncated, unreadable: named by the format module
         try:
             handle = stack.enter_context(safe_open(path, framework="pt"))
             names = list(handle.keys())
@@ -42,29 +44,28 @@ def _get(where: dict[str, tuple[Path, object]], name: str):
 
 
 def check_folder(folder: Path) -> str:
-    """Validate ``folder``; return the summary line (raises ArmorFormatError naming the problem)."""
+    """Validate ``folder``; return the summary line (raises ArmorFormatError naming the problem).
+
+    The checks are the readers' (`checkpoint_format.check_checkpoint` on the headers, `validate_linear` on every
+    listed module with the model dtype of config.json), without a model: that a listed module is a linear layer of
+    the model is left to the readers."""
     config = fmt.read_config(folder)
     if not fmt.is_armor_config(config):
         raise fmt.ArmorFormatError(f"{fmt.CONFIG_FILE} has no ARMOR quantization_config (quant_method 'armor')")
     quant = fmt.validate_quant_config(config["quantization_config"])
     modules: list[str] = quant["pruned_modules"]
-    listed = set(modules)
+    model_dtype = fmt.config_dtype(config)
+    headers = fmt.read_headers(folder)
+    fmt.check_checkpoint(headers, modules, model_dtype)
+    blocks: set[int] = set()
     with ExitStack() as stack:
         where = _open_all(stack, folder)
-        for name in sorted(where):
-            module, _, suffix = name.rpartition(".")
-            if suffix in fmt.TENSOR_SUFFIXES and module not in listed:
-                raise fmt.ArmorFormatError(f"ARMOR tensor '{name}' ({where[name][0].name}) belongs to no module "
-                                           "in quantization_config.pruned_modules")
-            if suffix == "weight" and module in listed:
-                raise fmt.ArmorFormatError(f"pruned module '{module}' also has a dense tensor '{name}'")
-        blocks: set[int] = set()
         for module in modules:
             tensors = {s: _get(where, fmt.tensor_name(module, s)) for s in fmt.TENSOR_SUFFIXES
                        if fmt.tensor_name(module, s) in where}
-            shapes = fmt.validate_linear(module, tensors)
+            shapes = fmt.validate_linear(module, tensors, model_dtype=model_dtype)
             blocks.update(b for b in (shapes.block_out, shapes.block_in) if b is not None)
-    size = fmt.footprint(fmt.read_headers(folder), modules)
+    size = fmt.footprint(headers, modules)
     block_text = "/".join(map(str, sorted(blocks))) or "none"
     return (f"{len(modules)} ARMOR linears ({quant.get('method', '?')}, blocks {block_text}), "
             f"{size.checkpoint_bytes / GB:.2f} GB weights ({size.bytes_ratio:.2f}x dense), "

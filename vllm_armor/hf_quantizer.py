@@ -50,9 +50,10 @@ class ArmorSlot(nn.Module):
                 empty = torch.empty(info.shape, dtype=info.dtype, device="meta")
                 self.register_parameter(suffix, nn.Parameter(empty, requires_grad=False))
 
-    def build(self, dtype: torch.dtype) -> ArmorLinear:
-        """The validated `ArmorLinear` computing in ``dtype``. A tensor not loaded, or loaded in a dtype other than
-        the stored one (types are checked, never cast on the way in), is an error."""
+    def build(self, dtype: torch.dtype, model_dtype: torch.dtype | None) -> ArmorLinear:
+        """The validated `ArmorLinear` computing in ``dtype`` (the checkpoint's dtype is ``model_dtype``). A tensor
+        not loaded, or loaded in a dtype other than the stored one (types are checked, never cast on the way in), is
+        an error; so is a layer that is not finite in either dtype."""
         tensors = {}
         for suffix, stored in self.stored.items():
             tensor = getattr(self, suffix).data
@@ -61,7 +62,7 @@ class ArmorSlot(nn.Module):
                 raise fmt.ArmorFormatError(f"ARMOR tensor '{fmt.tensor_name(self.name, suffix)}' {what}")
             tensors[suffix] = tensor
         bias = tensors.pop(BIAS, None)
-        fmt.validate_linear(self.name, tensors, expected_shape=self.shape)
+        fmt.validate_linear(self.name, tensors, expected_shape=self.shape, model_dtype=model_dtype, serving_dtype=dtype)
         return ArmorLinear(tensors, bias, dtype)
 
 
@@ -70,14 +71,24 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     model.get_submodule(parent).register_module(child, module)
 
 
-def _headers(model: nn.Module, checkpoint_files: Sequence[str] | None) -> dict[str, fmt.TensorInfo]:
-    """Tensor headers of the checkpoint being loaded (the files transformers passes, else the model's folder)."""
+def _headers(model: nn.Module, checkpoint_files: Sequence[str] | None) -> tuple[dict[str, fmt.TensorInfo], Path]:
+    """Tensor headers of the checkpoint being loaded (the files transformers passes, else the model's folder; each
+    file checked against its size) and its folder."""
     if not checkpoint_files:
-        return fmt.read_headers(Path(model.config._name_or_path))
+        folder = Path(model.config._name_or_path)
+        return fmt.read_headers(folder), folder
     headers: dict[str, fmt.TensorInfo] = {}
     for file in checkpoint_files:
         headers.update(fmt.read_header(Path(file)))
-    return headers
+    return headers, Path(checkpoint_files[0]).parent
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear | None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
 
 
 class ArmorHfQuantizer(HfQuantizer):
@@ -89,18 +100,22 @@ class ArmorHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: ArmorQuantizationConfig, **kwargs) -> None:
         super().__init__(quantization_config, **kwargs)
         self.dtype: torch.dtype | None = None
+        self.model_dtype: torch.dtype | None = None  # the checkpoint's (config.json), core_values are stored in it
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         self.dtype = dtype  # the compute dtype of the ARMOR layers
         return dtype
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Sequence[str] | None = None, **kwargs):
-        headers = _headers(model, checkpoint_files)
-        for name in self.quantization_config.pruned_modules:
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError as err:
-                raise fmt.ArmorFormatError(f"pruned module {name!r} does not exist in the model") from err
+        headers, folder = _headers(model, checkpoint_files)
+        pruned = self.quantization_config.pruned_modules
+        self.model_dtype = fmt.config_dtype(fmt.read_config(folder))
+        fmt.check_checkpoint(headers, pruned, self.model_dtype)  # the same checks as the vLLM plugin's
+        linears = {name: _linear(model, name) for name in pruned}
+        missing = [name for name, linear in linears.items() if linear is None]
+        if missing:
+            raise fmt.not_in_model(missing)
+        for name, linear in linears.items():
             _set_submodule(model, name, ArmorSlot(name, linear, headers))
         return model
 
@@ -108,7 +123,7 @@ class ArmorHfQuantizer(HfQuantizer):
         dtype = self.dtype or model.dtype
         pruned = self.quantization_config.pruned_modules
         for name in pruned:
-            _set_submodule(model, name, model.get_submodule(name).build(dtype))
+            _set_submodule(model, name, model.get_submodule(name).build(dtype, self.model_dtype))
         require_armor_layers(model, pruned)
         log.info("built %d ARMOR layers (compute dtype %s)", len(pruned), dtype)
         return model

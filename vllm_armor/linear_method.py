@@ -16,7 +16,7 @@ import torch
 
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
-from vllm_armor.kernels import KERNEL_ENV, ArmorKernel, LayerSpec, choose_kernel
+from vllm_armor.kernels import KERNEL_ENV, KERNELS, ArmorKernel, LayerSpec, choose_kernel
 from vllm_armor.tensor_parallel import LayerLayout
 
 from vllm.model_executor.layers.linear import (  # isort: skip
@@ -85,14 +85,11 @@ class ArmorLinearMethod(LinearMethodBase):
             raise ArmorFormatError(f"layer '{self.prefix}' has {len(out_parts)} output parts but packs "
                                    f"{self.shard_modules}")
         shapes = [self._shard_shapes(m, input_size) for m in self.shard_modules]
-        dtypes = {self._headers(m)[fmt.CORE_VALUES].dtype for m in self.shard_modules}
-        if len(dtypes) != 1:
-            raise ArmorFormatError(f"layer '{self.prefix}': core_values of {self.shard_modules} differ in dtype")
-        if len({s.has_ab for s in shapes}) != 1:
-            raise ArmorFormatError(f"layer '{self.prefix}': some of {self.shard_modules} carry A/B and some do not")
+        self._check_shards_agree(shapes)
         row_parallel = isinstance(layer, RowParallelLinear)
         col_rank = getattr(layer, "tp_rank", 0) if row_parallel else 0
-        layout = LayerLayout(self.prefix, row_parallel, in_pp, col_rank, dtypes.pop())
+        values_dtype = self._headers(self.shard_modules[0])[fmt.CORE_VALUES].dtype
+        layout = LayerLayout(self.prefix, row_parallel, in_pp, col_rank, values_dtype)
         for module, lid, rows, rank, sh in zip(self.shard_modules, loader_ids, out_parts, _row_ranks(layer, n),
                                                shapes, strict=True):
             if (rank + 1) * rows > sh.d_out:
@@ -102,6 +99,22 @@ class ArmorLinearMethod(LinearMethodBase):
                 )
             layout.add_shard(module, lid, rows, rank, (sh.block_out, sh.block_in))
         return layout
+
+    def _check_shards_agree(self, shapes: list[fmt.LinearShapes]) -> None:
+        """The shards of a fused layer (q/k/v, gate/up) must agree on dtypes and on carrying A/B: name the shard that
+        differs from the first one, and how."""
+        first, first_shape = self.shard_modules[0], shapes[0]
+        for module, shape in zip(self.shard_modules[1:], shapes[1:], strict=True):
+            if shape.has_ab != first_shape.has_ab:
+                has, lacks = (module, first) if shape.has_ab else (first, module)
+                raise ArmorFormatError(f"'{lacks}' carries no A/B (armor_a/armor_b) while '{has}' of the same fused "
+                                       f"layer '{self.prefix}' does: the shards of a fused layer must agree")
+            for suffix in (fmt.CORE_VALUES, fmt.ARMOR_A, fmt.ARMOR_B):
+                mine, theirs = self._headers(module).get(suffix), self._headers(first).get(suffix)
+                if mine is not None and theirs is not None and mine.dtype != theirs.dtype:
+                    raise ArmorFormatError(
+                        f"ARMOR tensor '{fmt.tensor_name(module, suffix)}' is {mine.dtype} while "
+                        f"'{fmt.tensor_name(first, suffix)}' of the same fused layer '{self.prefix}' is {theirs.dtype}")
 
     def create_weights(
         self,
@@ -149,12 +162,16 @@ class ArmorLinearMethod(LinearMethodBase):
     # -- load --------------------------------------------------------------------------------------
 
     def _load(self, layer, suffix: str, param, loaded: torch.Tensor, shard_id) -> None:
+        self.config.check_all_served()  # the model is built once weights load (checked once)
         layout: LayerLayout = layer.armor_layout
         spec = layout.shard_for(shard_id)
-        expected = self._headers(spec.module)[suffix].shape
-        if tuple(loaded.shape) != expected:
-            name = fmt.tensor_name(spec.module, suffix)
-            raise ArmorFormatError(f"ARMOR tensor '{name}': expected shape {expected}, got {tuple(loaded.shape)}")
+        expected = self._headers(spec.module)[suffix]
+        name = fmt.tensor_name(spec.module, suffix)
+        if tuple(loaded.shape) != expected.shape:
+            raise ArmorFormatError(f"ARMOR tensor '{name}': expected shape {expected.shape}, got {tuple(loaded.shape)}")
+        if loaded.dtype != expected.dtype or param.data.dtype != expected.dtype:  # types are checked, never cast
+            raise ArmorFormatError(f"ARMOR tensor '{name}': stored as {expected.dtype}, loaded as {loaded.dtype} into "
+                                   f"a {param.data.dtype} parameter")
         src, dst = layout.slices(spec, suffix, param.data, loaded)
         dst.copy_(src)
         layer.armor_loaded.add((suffix, spec.loader_id))
@@ -174,11 +191,13 @@ class ArmorLinearMethod(LinearMethodBase):
                         f"(missing from the checkpoint files of layer '{self.prefix}')"
                     )
             tensors = layout.shard_tensors(spec, params)
-            fmt.validate_linear(spec.module, tensors, expected_shape=(spec.rows, layout.cols))
+            fmt.validate_linear(spec.module, tensors, expected_shape=(spec.rows, layout.cols),
+                                model_dtype=self.config.model_dtype, serving_dtype=layer.params_dtype)
             shards.append(tensors)
         return shards
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        self.config.check_all_served()
         shards = self._loaded_shards(layer)
         layout: LayerLayout = layer.armor_layout
         spec = LayerSpec(layer.core_values.device, layer.params_dtype, tuple(s.rows for s in layout.shards),
@@ -201,4 +220,5 @@ def _log_choice_once(kernel: str, reason: str) -> None:
     if kernel in _LOGGED_CHOICES:
         return
     _LOGGED_CHOICES.add(kernel)
-    logger.info("ARMOR kernel: %s (%s); set %s=dense|factored|sparse24 to override", kernel, reason, KERNEL_ENV)
+    logger.info("ARMOR kernel: %s (%s); set %s=%s to override", kernel, reason, KERNEL_ENV,
+                "|".join(k.name for k in KERNELS))

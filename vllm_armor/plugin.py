@@ -9,7 +9,6 @@ Every vLLM name used here and in `linear_method.py` is listed in `vllm_armor.vll
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
-from vllm_armor.kernels import AUTO, KERNEL_ENV
+from vllm_armor.kernels import KERNEL_ENV, compile_key
 from vllm_armor.linear_method import ArmorLinearMethod
 
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod  # isort: skip
@@ -45,6 +44,9 @@ class ArmorConfig(QuantizationConfig):
         # Filled by maybe_update_config from the safetensors headers: name -> (shape, dtype).
         self.tensor_index: dict[str, TensorInfo] = {}
         self.model_dir: str | None = None
+        self.model_dtype: torch.dtype | None = None  # config.json's dtype: the dtype core_values are stored in
+        self.served_modules: set[str] = set()  # pruned modules given to an ArmorLinearMethod (get_quant_method)
+        self._all_served_checked = False
 
     def __repr__(self) -> str:
         return (
@@ -77,7 +79,22 @@ class ArmorConfig(QuantizationConfig):
         their exact ARMOR shapes and missing tensors are reported before any weight is loaded."""
         self.model_dir = model_name
         folder = _local_dir(model_name, revision)
-        self.tensor_index = fmt.read_headers(folder) if folder is not None else {}
+        if folder is None:
+            return  # create_weights refuses: no headers
+        index = fmt.read_headers(folder)  # every file checked against its size: a damaged one names itself
+        self.model_dtype = fmt.config_dtype(fmt.read_config(folder))
+        fmt.check_checkpoint(index, self.quant_cfg["pruned_modules"], self.model_dtype)
+        self.tensor_index = index
+
+    def check_all_served(self) -> None:
+        """Every module of pruned_modules became an ARMOR layer of the model (called once the model is built, i.e.
+        when weights load): a listed module that is not a linear of the model is refused, not ignored."""
+        if self._all_served_checked or _pipeline_parallel():
+            return  # done, or other ranks hold the other layers
+        self._all_served_checked = True
+        missing = self.pruned_modules - self.served_modules
+        if missing:
+            raise fmt.not_in_model(missing)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         mapped = {}
@@ -102,6 +119,7 @@ class ArmorConfig(QuantizationConfig):
         shards = self.shard_modules(prefix)
         pruned = [s in self.pruned_modules for s in shards]
         if all(pruned):
+            self.served_modules.update(shards)
             return ArmorLinearMethod(self, prefix, shards)
         if any(pruned):
             dense = [s for s, p in zip(shards, pruned, strict=True) if not p]
@@ -110,6 +128,15 @@ class ArmorConfig(QuantizationConfig):
                 f"pruned_modules while {[s for s, p in zip(shards, pruned, strict=True) if p]} are; prune all or none"
             )
         return UnquantizedLinearMethod()
+
+
+def _pipeline_parallel() -> bool:
+    from vllm.distributed import get_pp_group
+
+    try:
+        return get_pp_group().world_size > 1
+    except AssertionError:  # no process group (a unit test): one rank
+        return False
 
 
 def _local_dir(model: str, revision: str | None) -> Path | None:
@@ -137,8 +164,9 @@ def _add_kernel_env_to_compile_key() -> None:
     VLLM_ARMOR_KERNEL one of the hashed variables: switching it then compiles afresh instead of reusing a
     stale graph. (This also silences vLLM's "unknown VLLM_* variable" warning.)"""
     import vllm.envs as envs
+    from vllm.platforms import current_platform
 
-    envs.environment_variables.setdefault(KERNEL_ENV, lambda: os.environ.get(KERNEL_ENV, AUTO))
+    envs.environment_variables.setdefault(KERNEL_ENV, lambda: compile_key(current_platform.is_cpu()))
 
 
 _REGISTERED = False

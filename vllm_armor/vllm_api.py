@@ -62,7 +62,11 @@ VLLM_API: dict[str, tuple[str, ...]] = {
     # loading parameters: vLLM's loaders call param.weight_loader(param, loaded_weight[, shard_id])
     "vllm.model_executor.parameter:BasevLLMParameter": ("data", "weight_loader"),
     "vllm.model_executor.parameter:BasevLLMParameter.weight_loader": (),
+    # pipeline parallelism (plugin.check_all_served: each rank builds only its layers)
+    "vllm.distributed:get_pp_group": (),
     # compile-cache key (plugin._add_kernel_env_to_compile_key; compile_factors in the tests)
     "vllm.envs:environment_variables": (),
     "vllm.envs:compile_factors": (),
+    # the CPU 2:4 kernel's availability joins that key on CPU platforms (kernels.compile_key)
+    "vllm.platforms:current_platform": (),
 }

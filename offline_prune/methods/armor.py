@@ -497,20 +497,21 @@ DEFAULT_PLATEAU = Plateau()
 
 
 class _Stopper:
-    """Decides after every iteration whether to go on: cap, plateau (fast), patience (paper) or time limit."""
+    """Decides after every iteration whether to go on: cap, plateau (fast mode), patience (paper mode) or time."""
 
-    def __init__(self, iters: int, plateau: Plateau | None, patience: int, time_limit: float | None) -> None:
+    def __init__(self, iters: int, plateau: Plateau | None, patience: int | None, time_limit: float | None) -> None:
         self.iters, self.plateau, self.patience, self.time_limit = iters, plateau, patience, time_limit
         self.left = patience
         self.reason = "cap"
 
     def stop(self, it: int, history: list[float], elapsed: list[float]) -> bool:
-        self.left = self.patience if _improved(history[-1], history[-2]) else self.left - 1
+        if self.patience is not None:
+            self.left = self.patience if _improved(history[-1], history[-2]) else self.left - 1
         if it >= self.iters:
             self.reason = "cap"
         elif self.plateau is not None and self.plateau.reached(history):
             self.reason = "plateau"
-        elif self.plateau is None and self.left <= 0:
+        elif self.patience is not None and self.left <= 0:
             self.reason = "patience"
         elif self.time_limit is not None and elapsed[-1] + (elapsed[-1] - elapsed[-2]) > self.time_limit:
             self.reason = "time_limit"  # the next iteration would end past the limit
@@ -581,7 +582,8 @@ def armor_prune(
 
     iters = DEFAULT_ITERS[optimizer] if iters is None else iters
     plateau = DEFAULT_PLATEAU if plateau == "default" else plateau
-    stopper = _Stopper(iters, plateau if optimizer == "fast" else None, patience, time_limit)
+    is_fast = optimizer == "fast"
+    stopper = _Stopper(iters, plateau if is_fast else None, None if is_fast else patience, time_limit)
     with torch.no_grad():
         it = 0
         while it < iters and not (time_limit is not None and elapsed[-1] > time_limit):

@@ -5,6 +5,9 @@ Every kernel is one class (interface in `base.py`) in its own file; `KERNELS` is
 ``VLLM_ARMOR_KERNEL=auto`` (the default) walks, taking the first kernel that can implement a layer:
 
 * ``sparse24`` (`sparse24.py`): 2:4 core on sparse tensor cores via cuSPARSELt (CUDA sm80+).
+* ``sparse24_cpu`` (`sparse24_cpu.py`): the 2:4 core kept compressed and run by a C++ AVX-512 BF16 kernel
+  (bf16 layers on x86 CPUs with AVX512-BF16 and VBMI2, where the kernel builds; `cpu_build.py`). Faster than
+  the fold at decode and holds no dense copy (docs/BENCHMARKS.md).
 * ``dense`` (`dense.py`): A·core·B folded to one dense weight at load, plain GEMM. On SmolLM2-135M (CPU,
   eager, 128-token decode) it ran 33.7 tok/s against 32.7 for the dense model; the factored path 14.5.
 * ``factored`` (`factored.py`): A, the 2:4 core and B kept apart (never picked by ``auto``: ``dense`` before
@@ -21,13 +24,14 @@ from vllm_armor.kernels.base import ArmorKernel, LayerSpec
 from vllm_armor.kernels.dense import DenseFoldKernel
 from vllm_armor.kernels.factored import FactoredKernel, factored_forward
 from vllm_armor.kernels.sparse24 import Sparse24Kernel
+from vllm_armor.kernels.sparse24_cpu import Sparse24CpuKernel
 
 KERNEL_ENV = "VLLM_ARMOR_KERNEL"
 AUTO = "auto"
-KERNELS: tuple[type[ArmorKernel], ...] = (Sparse24Kernel, DenseFoldKernel, FactoredKernel)
+KERNELS: tuple[type[ArmorKernel], ...] = (Sparse24Kernel, Sparse24CpuKernel, DenseFoldKernel, FactoredKernel)
 
-__all__ = ["AUTO", "KERNELS", "KERNEL_ENV", "ArmorKernel", "LayerSpec", "choose_kernel", "factored_forward",
-           "requested_kernel"]
+__all__ = ["AUTO", "KERNELS", "KERNEL_ENV", "ArmorKernel", "LayerSpec", "choose_kernel", "compile_key",
+           "factored_forward", "requested_kernel"]
 
 
 def requested_kernel() -> str:
@@ -37,6 +41,17 @@ def requested_kernel() -> str:
     if raw not in allowed:
         raise ValueError(f"{KERNEL_ENV}={raw!r} is not one of: {', '.join(allowed)}")
     return raw
+
+
+def compile_key(cpu: bool) -> str:
+    """What the traced graph depends on: the requested kernel and, under ``auto`` on a CPU platform, whether
+    the CPU 2:4 kernel is available (it builds or loads it, cached)."""
+    requested = os.environ.get(KERNEL_ENV, AUTO).strip().lower()
+    if requested != AUTO or not cpu:
+        return requested
+    from vllm_armor.kernels.sparse24_cpu import available
+
+    return f"{AUTO}+{Sparse24CpuKernel.name}" if available()[0] else AUTO
 
 
 def _auto(spec: LayerSpec) -> tuple[type[ArmorKernel], str]:
