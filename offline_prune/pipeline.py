@@ -241,7 +241,8 @@ def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch:
     """
     needs_data = windows is not None
     method = args.pruning_method
-    sequential = method.sequential
+    sequential = method.is_sequential(args.options)
+    want_gram = method.wants_gram(args.options)
     if needs_data:
         with clock.phase("calibration"):
             hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
@@ -255,7 +256,7 @@ def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch:
         if needs_data and (todo or not sequential):
             with clock.phase("calibration"):
                 local = {layer.local_names[name]: lin for name, lin in linears.items()}
-                with collect_stats(local, method.needs_gram, arch.shared_inputs) as local_stats:
+                with collect_stats(local, want_gram, arch.shared_inputs) as local_stats:
                     outputs = _run_layer(layer.module, hidden, layer_kwargs)
                 stats = {name: local_stats[layer.local_names[name]] for name in linears}
             pause_point("calibration")

@@ -94,6 +94,36 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
         assert loaded.model.layers[0].self_attn.q_norm is not None
 
 
+def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tmp_path, monkeypatch):
+    """fast-gram: the walk hands it X^T X, waits for each layer (sequential) and the checkpoint is A @ core @ B."""
+    from offline_prune.methods import armor
+
+    original = armor.armor_prune
+    seen, energies = [], {"fast": set(), "fast-gram": set()}
+
+    def spy(weight, h, *a, **kw):
+        seen.append(kw.get("gram") is not None and tuple(kw["gram"].shape) == (weight.shape[1],) * 2)
+        energies[kw["optimizer"]].add(round(float(h.sum()), 3))
+        return original(weight, h, *a, **kw)
+
+    monkeypatch.setattr(armor, "armor_prune", spy)
+    prune(tiny_args(tiny_llama, tmp_path / "fast", c4_path, "armor", iters=1))
+    assert not any(seen)
+    seen.clear()
+    out = tmp_path / "out"
+    report = prune(tiny_args(tiny_llama, out, c4_path, "armor", optimizer="fast-gram", iters=5))
+    assert seen and all(seen) and len(seen) == 14
+    # layer 0 sees the same inputs in both runs; layer 1 sees the pruned layer 0 only with fast-gram
+    assert energies["fast"] & energies["fast-gram"] and energies["fast"] != energies["fast-gram"]
+    assert {r["optimizer"] for r in report["linears"]} == {"fast-gram"}
+    assert all(r["layer_loss_final_relative"] <= r["layer_loss_sparsegpt_relative"] for r in report["linears"])
+    ids = torch.randint(0, 1000, (2, 24))
+    with torch.no_grad():
+        got = load_model(out)(ids, use_cache=False).logits
+        want = _dense_twin(tiny_llama, out)(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_method_options_defaults_and_unknown(tmp_path):
     args = PruneArgs(model="m", out=str(tmp_path), method="armor", options={"iters": 5})
     assert args.options == {"block_size": "auto", "max_overhead": 0.125, "ab_dtype": "model", "optimizer": "fast",

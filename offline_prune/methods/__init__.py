@@ -49,6 +49,9 @@ class PruneOutput:
     report_extra: dict = field(default_factory=dict)  # added to the matrix's report after "method"
 
 
+# A walk requirement: fixed, or decided by the method's resolved options (ARMOR: by its optimiser).
+Flag = bool | Callable[[Mapping[str, Any]], bool]
+
 # (weight float32 on device, statistics or None, cleaned h on device, options, per-matrix seed, device)
 PruneFn = Callable[[torch.Tensor, "InputStats | None", torch.Tensor, Mapping[str, Any], int, str], PruneOutput]
 
@@ -59,8 +62,8 @@ class PruningMethod:
     prune: PruneFn
     order: int  # position in the CLI's --method choices
     needs_calibration: bool = True
-    sequential: bool = False  # statistics from the already-pruned earlier layers (SparseGPT, Wanda papers)
-    needs_gram: bool = False  # X^T X besides h
+    sequential: Flag = False  # statistics from the already-pruned earlier layers (SparseGPT, Wanda papers)
+    needs_gram: Flag = False  # X^T X besides h
     options: tuple[MethodOption, ...] = ()
     # Iterative methods may be given options[TIME_LIMIT] (seconds for this matrix, or None) by --time-budget.
     iterative: bool = False
@@ -68,6 +71,14 @@ class PruningMethod:
     @property
     def option_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.options)
+
+    def is_sequential(self, options: Mapping[str, Any]) -> bool:
+        """Whether the walk must give this run statistics of the already-pruned earlier layers."""
+        return bool(self.sequential(options) if callable(self.sequential) else self.sequential)
+
+    def wants_gram(self, options: Mapping[str, Any]) -> bool:
+        """Whether the walk must collect X^T X for this run."""
+        return bool(self.needs_gram(options) if callable(self.needs_gram) else self.needs_gram)
 
     def select(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """The entries of ``values`` that are options of this method (the others are ignored)."""

@@ -38,15 +38,23 @@ the last three repeated a few times per mask step.
   * B: with A, C fixed, every column of B only moves its own column of A C B, so its weight h_j cancels:
     B_J = (Z_J^T Z_J)^-1 Z_J^T Wn_J with Z = A C (columns of block J).
 
+Fast-gram mode (``--optimizer fast-gram``, offline_prune.methods._armor_full): the same exact block steps on
+the full layer objective ||(A C B - W) X^T||_F^2 (H = X^T X instead of diag h, no NoWag normalisation, W not
+normalised) from SparseGPT's mask and values, so it is never worse than SparseGPT on that objective; the B solve
+becomes block-Jacobi-preconditioned CG over all blocks (H couples them). Like SparseGPT it is sequential: its
+statistics come from the already-pruned earlier layers. Its history is the relative layer objective, not the
+proxy.
+
 Guarantee (Theorem 3.1 of the paper, enforced here): every step (Adam, group update or block solve) that
 would raise L in floating point is rejected, so the history never rises and the returned loss is at most
-NoWag-P's. Same seed, same device: same result. All math is float32 whatever the input dtype; every block
-is handled by batched tensor ops.
+NoWag-P's (fast-gram: SparseGPT's). Same seed, same device: same result. All math is float32 whatever the
+input dtype; every block is handled by batched tensor ops.
 
 Registry entry (offline_prune.methods): options block_size (``auto``: per matrix the largest block whose A and B
 hold at most max_overhead x the core's kept values, `auto_block_sizes`; N: per dimension
 ``largest_block_size(dim, N)``), max_overhead, ab_dtype (how the checkpoint stores A and B), optimizer and
-iters; the per-matrix seed is offline_prune.jobs.job_seed.
+iters; the per-matrix seed is offline_prune.jobs.job_seed. With fast-gram the entry asks the walk for X^T X and
+sequential statistics (its ``needs_gram``/``sequential`` are functions of the options).
 """
 
 from __future__ import annotations
@@ -70,7 +78,8 @@ from vllm_armor.checkpoint_format import GROUP
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("fast", "paper")
+OPTIMIZERS = ("fast", "paper", "fast-gram")
+GRAM_OPTIMIZERS = ("fast-gram",)  # on the full X^T X (offline_prune.methods._armor_full)
 # The 6 ways to keep 2 of 4.
 PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
@@ -483,7 +492,7 @@ class Plateau:
         return before - now < self.tol * before
 
 
-DEFAULT_ITERS = {"fast": 60, "paper": 20000}  # iteration caps when --iters is not given
+DEFAULT_ITERS = {"fast": 60, "paper": 20000, "fast-gram": 60}  # iteration caps when --iters is not given
 DEFAULT_PLATEAU = Plateau()
 
 
@@ -525,6 +534,8 @@ def armor_prune(
     patience: int = 100,
     plateau: Plateau | None | str = "default",
     time_limit: float | None = None,
+    gram: torch.Tensor | None = None,
+    gram_start: str = "sparsegpt",
 ) -> ArmorResult:
     """Fit A' core B' ~ weight with a 2:4 core; see the module docstring.
 
@@ -532,8 +543,15 @@ def armor_prune(
     (default: DEFAULT_PLATEAU; None: never), paper mode after ``patience`` iterations without improvement (the
     official code's rule); both before an iteration that would end past ``time_limit`` seconds since the start."""
     _check_inputs(weight, h, block_out, block_in, optimizer)
-    start = time.perf_counter()
     dev = torch.device(device) if device is not None else weight.device
+    if optimizer in GRAM_OPTIMIZERS:
+        from offline_prune.methods._armor_full import armor_prune_gram
+
+        return armor_prune_gram(
+            weight.detach().float().to(dev), None if gram is None else gram.detach().to(dev), block_out, block_in,
+            iters=DEFAULT_ITERS[optimizer] if iters is None else iters,
+            plateau=DEFAULT_PLATEAU if plateau == "default" else plateau, time_limit=time_limit, start=gram_start)
+    start = time.perf_counter()
     norm = normalize(weight.detach().to(dev))
     h = clean_h(h.detach().to(dev))
     h_mean = float(h.mean())
@@ -599,14 +617,22 @@ def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, opti
            device: str) -> PruneOutput:
     d_out, d_in = weight.shape
     bs_out, bs_in = block_sizes(d_out, d_in, options)
+    gram = stats.gram if options["optimizer"] in GRAM_OPTIMIZERS and stats is not None else None
     res = armor_prune(
         weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
-        time_limit=options.get(TIME_LIMIT),
+        time_limit=options.get(TIME_LIMIT), gram=gram,
         plateau=Plateau(DEFAULT_PLATEAU.window, options["plateau_tol"]) if options["plateau_tol"] > 0 else None,
     )
-    return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations,
-                       {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
-                        "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6), "stopped": res.stopped})
+    extra = {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
+             "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6), "stopped": res.stopped}
+    if gram is not None:  # its own objective, ||(W_hat - W) X^T||^2 / ||W X^T||^2: SparseGPT's, then its result
+        extra |= {"layer_loss_sparsegpt_relative": res.init_relative, "layer_loss_final_relative": res.final_relative}
+    return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations, extra)
+
+
+def _uses_gram(options: Mapping[str, Any]) -> bool:
+    """fast-gram needs X^T X and, like SparseGPT (its start), statistics of the already-pruned earlier layers."""
+    return options.get("optimizer") in GRAM_OPTIMIZERS
 
 
 METHOD = PruningMethod(
@@ -619,7 +645,9 @@ METHOD = PruningMethod(
                      "with --block-size auto: A+B parameters per kept core value, at most (paper: ~0.09-0.12)"),
         MethodOption("ab_dtype", "model", str, "dtype of A and B in the checkpoint: the model's, or float32",
                      choices=AB_DTYPES),
-        MethodOption("optimizer", "fast", str, "ARMOR optimiser (fast: exact block steps; paper: Adam + sampling)",
+        MethodOption("optimizer", "fast", str,
+                     "ARMOR optimiser (fast: exact block steps on the NoWag proxy; paper: Adam + sampling; fast-gram: "
+                     "exact block steps on the full X^T X layer objective from SparseGPT's start, sequential)",
                      choices=OPTIMIZERS),
         MethodOption("plateau_tol", DEFAULT_PLATEAU.tol, float,
                      f"fast mode stops when the relative loss fell by less than this fraction over the last "
@@ -628,4 +656,6 @@ METHOD = PruningMethod(
                      "paper 20000, the paper's setting)"),
     ),
     iterative=True,
+    sequential=_uses_gram,
+    needs_gram=_uses_gram,
 )

@@ -1,0 +1,82 @@
+"""Table of whole-model runs already made: perplexity, cost and the gap closed, from their own files.
+
+    python bench/gap_table.py --dense DENSE_EVAL.json --run sparsegpt=OUT_DIR:EVAL.json \
+        --run armor-fast=OUT_DIR:EVAL.json --run armor-fast-gram=OUT_DIR:EVAL.json
+
+EVAL.json: the output of `armor-eval ppl` (its last line is the JSON result); OUT_DIR: the pruned folder (its
+armor_report.json gives the arguments, weight bytes vs dense, A+B per kept value and the pruning times).
+Gap closed = (ppl_best_other - ppl) / (ppl_best_other - ppl_dense), best other = the best non-ARMOR run. Writes
+bench/results/gap_table.json and appends the table to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def last_json(path: Path) -> dict:
+    """The last JSON line of a log (armor-eval writes its result last on stdout; progress bars go to stderr)."""
+    return json.loads([line for line in path.read_text().splitlines() if line.startswith("{")][-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dense", type=Path, help="armor-eval ppl output of the dense model")
+    ap.add_argument("--dense-ppl", type=float, help="or: the dense perplexity already measured elsewhere ...")
+    ap.add_argument("--dense-source", default="", help="... and where it was measured (printed in the table)")
+    ap.add_argument("--run", action="append", default=[], help="NAME=OUT_DIR:EVAL.json")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gap_table.json")
+    ap.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    args = ap.parse_args()
+    if (args.dense is None) == (args.dense_ppl is None):
+        ap.error("give exactly one of --dense and --dense-ppl")
+    dense = last_json(args.dense) if args.dense else {"ppl": args.dense_ppl, "source": args.dense_source}
+    rows = {}
+    for item in args.run:
+        name, _, paths = item.partition("=")
+        out_dir, _, eval_path = paths.partition(":")
+        report = json.loads((Path(out_dir) / "armor_report.json").read_text())
+        rows[name] = {"ppl": last_json(Path(eval_path)), "summary": report["summary"], "args": report["args"],
+                      "command": report.get("command")}
+    others = {k: v["ppl"]["ppl"] for k, v in rows.items() if not k.startswith("armor")}
+    best = min(others, key=others.get)
+    for row in rows.values():
+        row["gap_closed"] = (others[best] - row["ppl"]["ppl"]) / (others[best] - dense["ppl"])
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "loadavg": Path("/proc/loadavg").read_text().strip(),
+              "command": shlex.join(["python", *sys.argv]), "dense": dense, "best_other": best, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    first = next(iter(rows.values()))["args"]
+    first_eval = next(iter(rows.values()))["ppl"]
+    lines = [
+        f"\n## WikiText-2 gap closed at the default overhead, ARMOR fast-gram ({result['date']})\n",
+        f"Load average at collection {result['loadavg']}; `{result['command']}`. Calibration C4 "
+        f"{first['calib_samples']} x {first['calib_seqlen']} (seed {first['seed']}), every prune alone under "
+        f"/work/cpu.lock, 1 thread; WikiText-2 test, eval ctx {first_eval.get('ctx_len')}, "
+        f"{first_eval.get('windows')} windows. {args.note}\n",
+        "| model | ppl | weight bytes / dense | A+B params / core values | prune wall s | gap closed vs "
+        f"{best} | command |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| dense | {dense['ppl']:.2f} | 1.000 | 0 | - | - | {dense.get('source', '')} |",
+    ]
+    for name, row in rows.items():
+        s = row["summary"]
+        lines.append(f"| {name} | {row['ppl']['ppl']:.2f} | {s['bytes_ratio']:.3f} | {s['ab_overhead']:.4f} | "
+                     f"{s['wall_seconds']:.0f} | {100 * row['gap_closed']:.1f}% | `{row['command']}` |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    with args.docs.open("a") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    main()
