@@ -360,3 +360,10 @@ def write_swapped_kv_b(armor_dir: Path, out: Path) -> Path:
     shutil.copytree(armor_dir, out, ignore=shutil.ignore_patterns("*.safetensors", cf.INDEX_FILE))
     cf.write_folder(out, swap_kv_b(armor_dir), cf.read_config(armor_dir))
     return out
+
+
+def random_weight(d_out: int, d_in: int, seed: int = 0) -> torch.Tensor:
+    """A random weight closer to a trained one than iid noise: correlated columns and uneven row norms."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g) @ torch.randn(d_in, d_in, generator=g) / d_in**0.5
+    return w * torch.rand(d_out, 1, generator=g).add(0.2)

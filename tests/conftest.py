@@ -146,3 +146,12 @@ def armor_tiny_llama_24(armor_fixture_cache) -> tuple[Path, Path]:
 def armor_tiny_qwen2(armor_fixture_cache) -> tuple[Path, Path]:
     """Tiny random Qwen2 (qkv bias) in the ARMOR format and its dense twin."""
     return af.build_tiny(af.TINY_QWEN2, armor_fixture_cache)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small matrices run much faster on one thread, above all on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

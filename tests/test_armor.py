@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from armor_fixtures import random_weight
 
 from offline_prune.methods import armor
 from offline_prune.methods.armor import DEFAULT_PLATEAU, Plateau, armor_prune
@@ -17,20 +18,11 @@ from vllm_armor.kernels import factored_forward
 OPTIMIZERS = ("paper", "fast")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices run much faster on one thread, above all on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _matrix(d_out: int, d_in: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    # correlated columns and uneven row norms, closer to a trained weight than iid noise
-    w = torch.randn(d_out, d_in, generator=g) @ torch.randn(d_in, d_in, generator=g) / d_in**0.5
-    return w * torch.rand(d_out, 1, generator=g).add(0.2)
+    return random_weight(d_out, d_in, seed)
 
 
 def _h(d_in: int, seed: int = 1, spread: float = 1.0) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from armor_fixtures import random_weight
 
 from offline_prune.methods import _armor_full as full
 from offline_prune.methods import get_method
@@ -13,19 +14,11 @@ from offline_prune.methods.sparsegpt import sparsegpt_2of4
 from vllm_armor.blockdiag import blockdiag_dense
 from vllm_armor.checkpoint_format import mask_is_2of4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _matrix(d_out: int, d_in: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(d_out, d_in, generator=g) @ torch.randn(d_in, d_in, generator=g) / d_in**0.5
-    return w * torch.rand(d_out, 1, generator=g).add(0.2)
+    return random_weight(d_out, d_in, seed)
 
 
 def _gram(d_in: int, seed: int = 1, tokens: int = 400) -> torch.Tensor:
