@@ -100,6 +100,13 @@ def gap_closed(results: dict, key: str) -> dict:
             for k, v in results.items() if k.startswith("armor") and key in v}
 
 
+def _cost(name: str, summary: dict) -> str:
+    """The row's cost cells: weight bytes / dense and A+B params / core values."""
+    if summary:
+        return f"{summary['bytes_ratio']:.3f} | {summary['ab_overhead']:.4f}"
+    return "1.000 | 0" if name == "dense" else "- | -"
+
+
 def cost_table(results: dict, key: str, title: str) -> list[str]:
     lines = [f"\n{title}\n", "| model | ppl | weight bytes / dense | A+B params / core values |",
              "| --- | --- | --- | --- |"]
@@ -107,8 +114,7 @@ def cost_table(results: dict, key: str, title: str) -> list[str]:
         if key not in res:
             continue
         s = res.get("report", {}).get("summary", {})
-        dense_cost = "1.000 | 0" if name == "dense" else "- | -"
-        cost = f"{s['bytes_ratio']:.3f} | {s['ab_overhead']:.4f}" if s else dense_cost
+        cost = _cost(name, s)
         lines.append(f"| {name} | {res[key]['ppl']:.2f} | {cost} |")
     return lines
 
@@ -157,8 +163,7 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
         s = res.get("report", {}).get("summary", {})
         wall = f"{s['wall_seconds']:.0f}" if s else (f"{res['seconds']:.0f}" if "seconds" in res else "-")
         loss = f"{s['mean_loss_final_relative']:.4f}" if s else "-"
-        dense_cost = "1.000 | 0" if name == "dense" else "- | -"
-        cost = f"{s['bytes_ratio']:.3f} | {s['ab_overhead']:.4f}" if s else dense_cost
+        cost = _cost(name, s)
         lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {cost} | {wall} | {loss} |")
     for name, g in gap.items():
         lines.append(f"\nGap closed by {name} vs best other ({g['best_other']}): **{g['gap_closed']:.1%}**")

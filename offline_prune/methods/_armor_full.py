@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offline_prune.methods.armor import ArmorResult, _solve_groups, _spd_solve, _Stopper
+from offline_prune.methods.armor import ArmorResult, _solve_groups, _spd_solve, _State, _Stopper
 from offline_prune.methods.sparsegpt import sparsegpt_2of4
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask
 from vllm_armor.blockdiag import blockdiag_left, blockdiag_right
@@ -48,14 +48,6 @@ class FullProblem:
     scale: float  # tr(W H W^T)
     bo: int
     bi: int
-
-
-@dataclass
-class FullState:
-    a: torch.Tensor  # (nO, bo, bo)
-    b: torch.Tensor  # (nI, bi, bi)
-    c: torch.Tensor  # (d_out, d_in), zero outside mask
-    mask: torch.Tensor  # (d_out, d_in) bool
 
 
 @dataclass
@@ -90,7 +82,7 @@ def make_problem(weight: torch.Tensor, gram: torch.Tensor, bo: int, bi: int) -> 
     return FullProblem(w, hm, wh, float((wh * w).sum()), bo, bi), d
 
 
-def fit_of(p: FullProblem, s: FullState) -> Fit:
+def fit_of(p: FullProblem, s: _State) -> Fit:
     r = blockdiag_right(blockdiag_left(s.a, s.c), s.b) - p.w
     rh = r @ p.hm
     return Fit(r, rh, float((r * rh).sum()))
@@ -101,7 +93,7 @@ def _bhb(p: FullProblem, b: torch.Tensor) -> torch.Tensor:
     return blockdiag_right(blockdiag_left(b, p.hm), _t(b))
 
 
-def _q(s: FullState, f: Fit) -> torch.Tensor:
+def _q(s: _State, f: Fit) -> torch.Tensor:
     """Q = A^T (R H) B^T."""
     return blockdiag_right(blockdiag_left(_t(s.a), f.rh), _t(s.b))
 
@@ -112,7 +104,7 @@ def _group_gram(g: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(g.reshape(n, GROUP, n, GROUP), dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def _try(p: FullProblem, s: FullState, f: Fit, name: str, value: torch.Tensor) -> Fit:
+def _try(p: FullProblem, s: _State, f: Fit, name: str, value: torch.Tensor) -> Fit:
     old = getattr(s, name)
     setattr(s, name, value)
     new = fit_of(p, s)
@@ -122,7 +114,7 @@ def _try(p: FullProblem, s: FullState, f: Fit, name: str, value: torch.Tensor) -
     return f
 
 
-def mask_step(p: FullProblem, s: FullState, f: Fit, share: float, solve_groups) -> tuple[Fit, bool]:
+def mask_step(p: FullProblem, s: _State, f: Fit, share: float, solve_groups) -> tuple[Fit, bool]:
     d_out, d_in = s.c.shape
     n_groups = d_in // GROUP
     q = _q(s, f).reshape(d_out, n_groups, GROUP)
@@ -153,7 +145,7 @@ def _row_block_dot(bo: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return dots.repeat_interleave(bo).unsqueeze(1)
 
 
-def cg_values(p: FullProblem, s: FullState, f: Fit, steps: int) -> torch.Tensor:
+def cg_values(p: FullProblem, s: _State, f: Fit, steps: int) -> torch.Tensor:
     """Jacobi-preconditioned CG on the kept values, independently per output block, from s.c."""
     ata = torch.bmm(_t(s.a), s.a)
     g = _bhb(p, s.b)
@@ -178,7 +170,7 @@ def cg_values(p: FullProblem, s: FullState, f: Fit, steps: int) -> torch.Tensor:
     return x
 
 
-def solve_a(p: FullProblem, s: FullState, spd_solve) -> torch.Tensor:
+def solve_a(p: FullProblem, s: _State, spd_solve) -> torch.Tensor:
     n_o, d_in = s.a.shape[0], s.c.shape[1]
     y = blockdiag_right(s.c, s.b)
     yh = (y @ p.hm).reshape(n_o, p.bo, d_in)
@@ -210,7 +202,7 @@ def _ridged_cholesky(x: torch.Tensor) -> torch.Tensor:
     return factor
 
 
-def cg_b(p: FullProblem, s: FullState, steps: int) -> torch.Tensor:
+def cg_b(p: FullProblem, s: _State, steps: int) -> torch.Tensor:
     """A few block-Jacobi-preconditioned CG steps on bd(Z^T Z B H) = bd(Z^T W H) over all blocks of B."""
     bi = p.bi
     z = blockdiag_left(s.a, s.c)
@@ -253,7 +245,7 @@ class FullOptimizer:
         self.share = 1.0
         self.sweeps, self.cg_steps, self.b_steps = sweeps, cg_steps, b_steps
 
-    def iteration(self, p: FullProblem, s: FullState, f: Fit) -> Fit:
+    def iteration(self, p: FullProblem, s: _State, f: Fit) -> Fit:
         f, ok = mask_step(p, s, f, self.share, self.solve_groups)
         self.share = min(1.0, self.share * 2) if ok else max(self.share / 4, 1e-4)
         for _ in range(self.sweeps):
@@ -264,7 +256,7 @@ class FullOptimizer:
 
 
 def start_state(p: FullProblem, weight: torch.Tensor, gram: torch.Tensor, d: torch.Tensor,
-                start: str) -> FullState:
+                start: str) -> _State:
     """A = B = I and the core of the start: SparseGPT's mask and values, or NoWag-P's mask on W."""
     d_out, d_in = p.w.shape
     if start == "sparsegpt":
@@ -277,7 +269,7 @@ def start_state(p: FullProblem, weight: torch.Tensor, gram: torch.Tensor, d: tor
     else:
         raise ValueError(f"armor fast-gram: start must be 'sparsegpt' or 'nowag-p', got {start!r}")
     eye = torch.eye
-    return FullState(eye(p.bo, device=c.device).expand(d_out // p.bo, -1, -1).clone(),
+    return _State(eye(p.bo, device=c.device).expand(d_out // p.bo, -1, -1).clone(),
                      eye(p.bi, device=c.device).expand(d_in // p.bi, -1, -1).clone(), c * mask, mask)
 
 
