@@ -4,11 +4,13 @@ metadata, as stored) and multiplied by a C++ AVX-512 BF16 kernel, custom op ``vl
 
 Paths inside the op, by the number of tokens M of a call:
 
-* M < `DENSE_MIN_M` (decode, small batches): B, core and A as three row-parallel passes that stream the
-  compressed core (1.125 bytes per original weight instead of 2) with masked expand-loads and bf16 dot
-  products.
-* M >= `DENSE_MIN_M` (prefill): B and A as batched matmuls, the core decompressed 2 MiB of rows at a time
-  into a scratch buffer for at::mm (oneDNN); no dense copy of the weight is ever held.
+* M < `DENSE_MIN_M` (decode, small batches): B, core and A as three parallel passes; the core pass streams
+  the compressed core (1.125 bytes per original weight instead of 2) with masked expand-loads and bf16 dot
+  products, each expanded chunk serving up to 8 tokens from registers.
+* M >= `DENSE_MIN_M` (prefill): the same B and A passes; the core decompressed 2 MiB of rows at a time into a
+  scratch buffer for at::mm (oneDNN); no dense copy of the weight is ever held.
+
+A and B are held as their transposed blocks (`blocks_t`), the layout the block-diagonal passes read.
 
 Where the kernel cannot be built or the CPU lacks AVX-512 BF16/VBMI2, `supports_device` says why and `auto`
 keeps the dense fold.
@@ -32,7 +34,7 @@ DENSE_MIN_M = 32
 _FAKE_REGISTERED: list[bool] = []
 
 
-def _sparse24_cpu_linear_fake(x, values, metas, a_blocks, b_blocks, bias, dense_min_m):
+def _sparse24_cpu_linear_fake(x, values, metas, a_blocks_t, b_blocks_t, bias, dense_min_m):
     return x.new_empty((*x.shape[:-1], sum(int(v.shape[0]) for v in values)))
 
 
@@ -72,8 +74,8 @@ class Sparse24CpuKernel(ArmorKernel):
             register_frozen(layer, f"armor_values_{i}", _bf16(tensors[fmt.CORE_VALUES]))
             register_frozen(layer, f"armor_meta_{i}", tensors[fmt.CORE_META].contiguous())
             if self.spec.has_ab:
-                register_frozen(layer, f"armor_a_{i}", _bf16(tensors[fmt.ARMOR_A]))
-                register_frozen(layer, f"armor_b_{i}", _bf16(tensors[fmt.ARMOR_B]))
+                register_frozen(layer, f"armor_a_t_{i}", blocks_t(tensors[fmt.ARMOR_A]))
+                register_frozen(layer, f"armor_b_t_{i}", blocks_t(tensors[fmt.ARMOR_B]))
 
     def _tensors(self, layer: nn.Module, kind: str) -> list[torch.Tensor]:
         return [getattr(layer, f"armor_{kind}_{i}") for i in range(self.n_shards)]
@@ -82,9 +84,14 @@ class Sparse24CpuKernel(ArmorKernel):
         ab = self.spec.has_ab
         return torch.ops.vllm_armor.sparse24_cpu_linear(
             x, self._tensors(layer, "values"), self._tensors(layer, "meta"),
-            self._tensors(layer, "a") if ab else [], self._tensors(layer, "b") if ab else [], bias, DENSE_MIN_M)
+            self._tensors(layer, "a_t") if ab else [], self._tensors(layer, "b_t") if ab else [], bias, DENSE_MIN_M)
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     """A format tensor (float32 or bf16 in the checkpoint) as the contiguous bf16 the kernel reads."""
     return t.to(torch.bfloat16).contiguous()
+
+
+def blocks_t(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks (n, bs, bs) of A or B as the op takes them: bf16, each block transposed, contiguous."""
+    return blocks.to(torch.bfloat16).transpose(1, 2).contiguous()

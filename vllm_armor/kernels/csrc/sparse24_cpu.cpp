@@ -6,10 +6,15 @@
 // values of the row: one masked expand-load (vpexpandw) gives the 32 dense lanes, one vdpbf16ps multiplies
 // them with 32 inputs. Nothing is expanded to memory on the small-M path.
 //
-// Small M (decode): B, core and A are three passes, each split over output rows by at::parallel_for (the
-// threads vLLM's CPU worker sets), fp32 accumulation, bf16 between passes (as the factored reference).
-// Large M (prefill, M >= dense_min_m): B and A as batched matmuls, the core decompressed a bounded tile of
-// rows at a time into a scratch buffer and multiplied by at::mm (oneDNN/MKL); no dense copy is kept.
+// A and B arrive as their transposed blocks (n, bs, bs), blocks_t[J] = M_J^T (prepared once at load), so a
+// block-diagonal pass is bs rank-1 updates of 16-wide fp32 columns per input: no horizontal sums.
+//
+// Small M (decode): B, core and A are three passes split over the threads vLLM's CPU worker sets
+// (at::parallel_for), fp32 accumulation, bf16 between passes (as the factored reference). The core pass keeps
+// 16 dot products in registers (rows x inputs = 2x8, 4x4, 8x2 or 16x1) and sums them with one shuffle
+// transpose, so every expanded chunk of weights serves up to 8 inputs.
+// Large M (prefill, M >= dense_min_m): the same B and A passes; the core decompressed a bounded tile of rows at
+// a time into a scratch buffer and multiplied by at::mm (oneDNN/MKL); no dense copy is kept.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -27,6 +32,15 @@ inline __mmask32 tail_mask(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : ((1u << n
 
 inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+}
+
+// The 32 dense lanes of a full chunk: its 16 kept values (one 256-bit load) expanded by the keep-mask.
+inline __m512i expand32(uint32_t mk, const bf16* v) {
+#ifdef ARMOR_EXPAND_FROM_MEMORY
+  return _mm512_maskz_expandloadu_epi16(mk, v);
+#else
+  return _mm512_maskz_expand_epi16(mk, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))));
+#endif
 }
 
 inline uint32_t meta_mask(const uint8_t* meta, int64_t bytes) {
@@ -48,8 +62,7 @@ inline void sparse_tile(const bf16* vals, const uint8_t* meta, int64_t d_in, con
     __m512i xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_si512(x + m * ldx + c);
     for (int r = 0; r < R; ++r) {
-      const uint32_t mk = meta_mask(meta + r * mstride + c / 8, 4);
-      const __m512i wv = _mm512_maskz_expandloadu_epi16(mk, vals + r * vstride + c / 2);
+      const __m512i wv = expand32(meta_mask(meta + r * mstride + c / 8, 4), vals + r * vstride + c / 2);
       for (int m = 0; m < MT; ++m) acc[r][m] = dp(acc[r][m], wv, xv[m]);
     }
   }
@@ -67,23 +80,82 @@ inline void sparse_tile(const bf16* vals, const uint8_t* meta, int64_t d_in, con
     for (int m = 0; m < MT; ++m) out[r * MT + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// out[r * MT + m] = sum_k w[r, k] * x[m, k] for R dense rows of length L (row stride L).
+// Sum of each of 16 vectors, all in one vector: lane 4*(i % 4) + i / 4 holds the sum of a[i] (a transpose by
+// shuffles instead of 16 horizontal reductions).
+inline __m512 reduce16(const __m512* a) {
+  __m512 s[8], t[4], u[2];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+}
+
+// 16 dot products of a compressed core, R rows x MT inputs (R * MT == 16): out[r * MT + m] = core[r] . x[m].
 template <int R, int MT>
-inline void dense_tile(const bf16* w, int64_t L, const bf16* x, int64_t ldx, float* out) {
-  __m512 acc[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < L; c += 32) {
-    const __mmask32 k = tail_mask(L - c);
+inline void sparse_tile16(const bf16* vals, const uint8_t* meta, int64_t d_in, const bf16* x, int64_t ldx,
+                          float* out) {
+  static_assert(R * MT == 16, "16 accumulators");
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t vstride = d_in / 2, mstride = d_in / 8;
+  int64_t c = 0;
+  for (; c + 32 <= d_in; c += 32) {
     __m512i xv[MT];
-    for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_epi16(k, x + m * ldx + c);
+    for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_si512(x + m * ldx + c);
     for (int r = 0; r < R; ++r) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(k, w + r * L + c);
-      for (int m = 0; m < MT; ++m) acc[r][m] = dp(acc[r][m], wv, xv[m]);
+      const __m512i wv = expand32(meta_mask(meta + r * mstride + c / 8, 4), vals + r * vstride + c / 2);
+      for (int m = 0; m < MT; ++m) acc[r * MT + m] = dp(acc[r * MT + m], wv, xv[m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) out[r * MT + m] = _mm512_reduce_add_ps(acc[r][m]);
+  if (c < d_in) {  // 8, 16 or 24 inputs left
+    const int64_t rem = d_in - c;
+    __m512i xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_epi16(tail_mask(rem), x + m * ldx + c);
+    for (int r = 0; r < R; ++r) {
+      const uint32_t mk = meta_mask(meta + r * mstride + c / 8, rem / 8);
+      const __m512i wv = _mm512_maskz_expandloadu_epi16(mk, vals + r * vstride + c / 2);
+      for (int m = 0; m < MT; ++m) acc[r * MT + m] = dp(acc[r * MT + m], wv, xv[m]);
+    }
+  }
+  float lanes[16];
+  _mm512_storeu_ps(lanes, reduce16(acc));
+  for (int i = 0; i < 16; ++i) out[i] = lanes[4 * (i % 4) + i / 4];
+}
+
+// 8 rows x 1 input with two accumulators per row (even and odd chunks), so one input still has 16 independent
+// sums in flight over 8 weight streams: out[r] = core[r] . x.
+inline void sparse_tile8x1(const bf16* vals, const uint8_t* meta, int64_t d_in, const bf16* x, float* out) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t vstride = d_in / 2, mstride = d_in / 8;
+  int64_t c = 0;
+  for (; c + 64 <= d_in; c += 64) {
+    const __m512i x0 = _mm512_loadu_si512(x + c), x1 = _mm512_loadu_si512(x + c + 32);
+    for (int r = 0; r < 8; ++r) {
+      const bf16* v = vals + r * vstride + c / 2;
+      const uint8_t* mt = meta + r * mstride + c / 8;
+      acc[2 * r] = dp(acc[2 * r], expand32(meta_mask(mt, 4), v), x0);
+      acc[2 * r + 1] = dp(acc[2 * r + 1], expand32(meta_mask(mt + 4, 4), v + 16), x1);
+    }
+  }
+  for (; c < d_in; c += 32) {  // one chunk of 32, or a tail of 8, 16 or 24
+    const int64_t n = std::min<int64_t>(32, d_in - c);
+    const __m512i xv = _mm512_maskz_loadu_epi16(tail_mask(n), x + c);
+    for (int r = 0; r < 8; ++r) {
+      const __m512i wv = _mm512_maskz_expandloadu_epi16(meta_mask(meta + r * mstride + c / 8, n / 8),
+                                                        vals + r * vstride + c / 2);
+      acc[2 * r] = dp(acc[2 * r], wv, xv);
+    }
+  }
+  float lanes[16];
+  _mm512_storeu_ps(lanes, reduce16(acc));
+  for (int r = 0; r < 8; ++r) out[r] = lanes[4 * ((2 * r) % 4) + (2 * r) / 4] + lanes[4 * ((2 * r + 1) % 4) + (2 * r + 1) / 4];
 }
 
 // Where a pass writes: rows of an (M, ld) bf16 matrix starting at column `col0`, plus an optional bias.
@@ -102,46 +174,88 @@ inline void store(const float* acc, const Sink& s, int64_t row, int64_t m0) {
   }
 }
 
-// One pass over rows [r0, r1) of a compressed core (Sparse) or a block-diagonal matrix (dense blocks).
-template <int R, int MT, bool Sparse>
-inline void rows_tile(const bf16* w, const uint8_t* meta, int64_t d_in, int64_t bs, const bf16* x, int64_t ldx,
-                      int64_t row, int64_t m0, const Sink& s) {
-  float acc[R * MT];
-  const bf16* xm = x + m0 * ldx;
-  if constexpr (Sparse) {
-    sparse_tile<R, MT>(w + row * (d_in / 2), meta + row * (d_in / 8), d_in, xm, ldx, acc);
-  } else {
-    const int64_t block = row / bs;
-    dense_tile<R, MT>(w + row * bs, bs, xm + block * bs, ldx, acc);
+// Rows [row, row + R) of a compressed core against every input: 16 dot products at a time, inputs in tiles of
+// 16 / R (8, 4, 2 or 1), so every expanded chunk of weights serves up to 8 inputs from registers.
+template <int R>
+inline void core_rows16(const bf16* vals, const uint8_t* meta, int64_t d_in, const bf16* x, int64_t ldx,
+                        int64_t M, int64_t row, const Sink& s) {
+  constexpr int MT = 16 / R;
+  float acc[16];
+  const bf16* v = vals + row * (d_in / 2);
+  const uint8_t* mt = meta + row * (d_in / 8);
+  for (int64_t m = 0; m + MT <= M; m += MT) {
+    sparse_tile16<R, MT>(v, mt, d_in, x + m * ldx, ldx, acc);
+    store<R, MT>(acc, s, row, m);
   }
-  store<R, MT>(acc, s, row, m0);
 }
 
-template <int R, bool Sparse>
-inline void rows_all_m(const bf16* w, const uint8_t* meta, int64_t d_in, int64_t bs, const bf16* x, int64_t ldx,
-                       int64_t M, int64_t row, const Sink& s) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) rows_tile<R, 4, Sparse>(w, meta, d_in, bs, x, ldx, row, m, s);
-  for (; m + 2 <= M; m += 2) rows_tile<R, 2, Sparse>(w, meta, d_in, bs, x, ldx, row, m, s);
-  for (; m < M; ++m) rows_tile<R, 1, Sparse>(w, meta, d_in, bs, x, ldx, row, m, s);
-}
-
-// Rows [r0, r1) of one matrix; dense rows are tiled inside their block (a tile never crosses blocks).
-template <bool Sparse>
-void run_rows(const bf16* w, const uint8_t* meta, int64_t d_in, int64_t bs, const bf16* x, int64_t ldx, int64_t M,
-              int64_t r0, int64_t r1, const Sink& s) {
-  constexpr int R = 4;
+// Rows [r0, r1) of a compressed core: groups of 16 rows take the 16-accumulator tiles (8 inputs per tile while
+// 8 are left, then 4, 2, 1); rows past the last full group take one row at a time.
+void core_rows(const bf16* vals, const uint8_t* meta, int64_t d_in, const bf16* x, int64_t ldx, int64_t M,
+               int64_t r0, int64_t r1, const Sink& s) {
+  const int64_t m8 = M / 8 * 8, m4 = m8 + (M - m8) / 4 * 4, m2 = m4 + (M - m4) / 2 * 2;
   int64_t row = r0;
-  while (row < r1) {
-    const int64_t limit = Sparse ? r1 : std::min(r1, (row / bs + 1) * bs);
-    for (; row + R <= limit; row += R) rows_all_m<R, Sparse>(w, meta, d_in, bs, x, ldx, M, row, s);
-    for (; row < limit; ++row) rows_all_m<1, Sparse>(w, meta, d_in, bs, x, ldx, M, row, s);
+  for (; row + 16 <= r1; row += 16) {
+    for (int64_t g = 0; g < 16; g += 2) core_rows16<2>(vals, meta, d_in, x, ldx, m8, row + g, s);
+    const Sink s4{s.y + m8 * s.ld, s.ld, s.col0, s.bias};
+    for (int64_t g = 0; g < 16; g += 4) core_rows16<4>(vals, meta, d_in, x + m8 * ldx, ldx, m4 - m8, row + g, s4);
+    const Sink s2{s.y + m4 * s.ld, s.ld, s.col0, s.bias};
+    for (int64_t g = 0; g < 16; g += 8) core_rows16<8>(vals, meta, d_in, x + m4 * ldx, ldx, m2 - m4, row + g, s2);
+    const Sink s1{s.y + m2 * s.ld, s.ld, s.col0, s.bias};
+    if (M > m2) {
+      float acc[8];
+      for (int64_t g = 0; g < 16; g += 8) {
+        sparse_tile8x1(vals + (row + g) * (d_in / 2), meta + (row + g) * (d_in / 8), d_in, x + m2 * ldx, acc);
+        store<8, 1>(acc, s1, row + g, 0);
+      }
+    }
+  }
+  for (; row < r1; ++row) {
+    for (int64_t m = 0; m < M; ++m) {
+      float acc;
+      sparse_tile<1, 1>(vals + row * (d_in / 2), meta + row * (d_in / 8), d_in, x + m * ldx, ldx, &acc);
+      store<1, 1>(&acc, s, row, m);
+    }
+  }
+}
+
+inline __m512 bf16x16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+
+inline float bf16_to_f32(const bf16* p) {
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[0]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Block J of a block-diagonal matrix M applied to MT inputs: y[m, J*bs + i] = sum_k M_J[i, k] x[m, J*bs + k],
+// as bs rank-1 updates of 16-wide columns of M_J (`bt` holds M_J^T in fp32, so column k of M_J is the row
+// bt[k]); no horizontal sums. x and y point at column J*bs of their rows.
+template <int MT>
+inline void bd_block(const float* bt, int64_t bs, const bf16* x, int64_t ldx, bf16* y, int64_t ldy,
+                     const bf16* bias, float* xs /* MT * bs scratch */) {
+  for (int m = 0; m < MT; ++m)
+    for (int64_t k = 0; k < bs; ++k) xs[m * bs + k] = bf16_to_f32(x + m * ldx + k);
+  for (int64_t c = 0; c < bs; c += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(bs - c >= 16 ? 0xFFFF : (1u << (bs - c)) - 1u);
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < bs; ++k) {
+      const __m512 col = _mm512_maskz_loadu_ps(mask, bt + k * bs + c);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(col, _mm512_set1_ps(xs[m * bs + k]), acc[m]);
+    }
+    if (bias) {
+      const __m512 b = bf16x16_to_f32(_mm256_maskz_loadu_epi16(mask, bias + c));
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_ps(acc[m], b);
+    }
+    for (int m = 0; m < MT; ++m)
+      _mm256_mask_storeu_epi16(y + m * ldy + c, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[m])));
   }
 }
 
 // One matrix of a pass: its weights, input and where its rows go.
 struct Job {
-  const bf16* w;
+  const bf16* w;        // compressed core values, or the transposed blocks (n, bs, bs) of a block-diagonal pass
   const uint8_t* meta;  // null for block-diagonal passes
   int64_t d_in;         // core input width (sparse) or block size (dense)
   const bf16* x;
@@ -150,20 +264,60 @@ struct Job {
   Sink sink;
 };
 
-// All jobs of a pass in one parallel region, split over their concatenated rows.
-void run_pass(const std::vector<Job>& jobs, int64_t M, int64_t bytes_per_row_hint) {
+constexpr int64_t kBdTile = 8;  // inputs per block-diagonal tile
+
+template <int MT>
+void bd_tile(const float* bt, int64_t bs, const bf16* x, int64_t ldx, bf16* y, int64_t ldy, const bf16* bias,
+             int64_t mt, float* xs) {
+  if constexpr (MT > 1) {
+    if (mt < MT) return bd_tile<MT - 1>(bt, bs, x, ldx, y, ldy, bias, mt, xs);
+  }
+  bd_block<MT>(bt, bs, x, ldx, y, ldy, bias, xs);
+}
+
+// A block-diagonal pass: items are (block, tile of up to 8 inputs), block-major so that a thread converts each
+// block to fp32 once for all its tiles; parallel over all items of all jobs.
+void bd_pass(const std::vector<Job>& jobs, int64_t M) {
+  const int64_t tiles = (M + kBdTile - 1) / kBdTile;
   std::vector<int64_t> starts(jobs.size() + 1, 0);
-  for (size_t i = 0; i < jobs.size(); ++i) starts[i + 1] = starts[i] + jobs[i].rows;
-  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 15) / std::max<int64_t>(1, bytes_per_row_hint));
+  int64_t max_bs = 1;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    starts[i + 1] = starts[i] + tiles * (jobs[i].rows / jobs[i].d_in);
+    max_bs = std::max(max_bs, jobs[i].d_in);
+  }
+  at::parallel_for(0, starts.back(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> block(max_bs * max_bs), xs(kBdTile * max_bs);
+    const bf16* converted = nullptr;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      const Job& j = jobs[i];
+      const int64_t bs = j.d_in;
+      for (int64_t it = std::max(begin, starts[i]); it < std::min(end, starts[i + 1]); ++it) {
+        const int64_t blk = (it - starts[i]) / tiles, m0 = (it - starts[i]) % tiles * kBdTile;
+        const bf16* bt = j.w + blk * bs * bs;
+        if (bt != converted) {
+          for (int64_t e = 0; e < bs * bs; ++e) block[e] = bf16_to_f32(bt + e);
+          converted = bt;
+        }
+        bd_tile<kBdTile>(block.data(), bs, j.x + m0 * j.ldx + blk * bs, j.ldx,
+                         j.sink.y + m0 * j.sink.ld + j.sink.col0 + blk * bs, j.sink.ld,
+                         j.sink.bias ? j.sink.bias + blk * bs : nullptr, std::min(kBdTile, M - m0), xs.data());
+      }
+    }
+  });
+}
+
+// A core pass: parallel over groups of 16 rows of all jobs.
+void core_pass(const std::vector<Job>& jobs, int64_t M) {
+  std::vector<int64_t> starts(jobs.size() + 1, 0);
+  for (size_t i = 0; i < jobs.size(); ++i) starts[i + 1] = starts[i] + (jobs[i].rows + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, 8 / std::max<int64_t>(1, M));
   at::parallel_for(0, starts.back(), grain, [&](int64_t begin, int64_t end) {
     for (size_t i = 0; i < jobs.size(); ++i) {
       const int64_t lo = std::max(begin, starts[i]), hi = std::min(end, starts[i + 1]);
       if (lo >= hi) continue;
       const Job& j = jobs[i];
-      if (j.meta)
-        run_rows<true>(j.w, j.meta, j.d_in, 0, j.x, j.ldx, M, lo - starts[i], hi - starts[i], j.sink);
-      else
-        run_rows<false>(j.w, nullptr, 0, j.d_in, j.x, j.ldx, M, lo - starts[i], hi - starts[i], j.sink);
+      core_rows(j.w, j.meta, j.d_in, j.x, j.ldx, M, (lo - starts[i]) * 16,
+                std::min(j.rows, (hi - starts[i]) * 16), j.sink);
     }
   });
 }
@@ -174,18 +328,14 @@ void decompress_rows(const bf16* vals, const uint8_t* meta, int64_t d_in, int64_
     const bf16* v = vals + r * (d_in / 2);
     const uint8_t* mt = meta + r * (d_in / 8);
     bf16* o = out + (r - r0) * d_in;
-    for (int64_t c = 0; c < d_in; c += 32) {
-      const int64_t n = std::min<int64_t>(32, d_in - c);
-      const uint32_t mk = meta_mask(mt + c / 8, n / 8);
-      _mm512_mask_storeu_epi16(o + c, tail_mask(n), _mm512_maskz_expandloadu_epi16(mk, v + c / 2));
+    int64_t c = 0;
+    for (; c + 32 <= d_in; c += 32)
+      _mm512_storeu_si512(o + c, expand32(meta_mask(mt + c / 8, 4), v + c / 2));
+    if (c < d_in) {
+      const int64_t n = d_in - c;
+      _mm512_mask_storeu_epi16(o + c, tail_mask(n), _mm512_maskz_expandloadu_epi16(meta_mask(mt + c / 8, n / 8), v + c / 2));
     }
   }
-}
-
-at::Tensor blockdiag_apply(const at::Tensor& x, const at::Tensor& blocks) {
-  const int64_t M = x.size(0), n = blocks.size(0), bs = blocks.size(1);
-  auto xb = x.view({M, n, bs}).transpose(0, 1);                   // (n, M, bs)
-  return at::bmm(xb, blocks.transpose(1, 2)).transpose(0, 1).reshape({M, n * bs});
 }
 
 void check_inputs(const at::Tensor& x, const at::TensorList& values, const at::TensorList& metas,
@@ -207,10 +357,10 @@ void check_inputs(const at::Tensor& x, const at::TensorList& values, const at::T
     if (!a.empty()) {
       TORCH_CHECK(a[i].scalar_type() == at::kBFloat16 && a[i].is_contiguous() && a[i].dim() == 3 &&
                       a[i].size(0) * a[i].size(1) == values[i].size(0),
-                  "sparse24_cpu_linear: A must be contiguous bf16 blocks tiling d_out");
+                  "sparse24_cpu_linear: A must be contiguous bf16 transposed blocks tiling d_out");
       TORCH_CHECK(b[i].scalar_type() == at::kBFloat16 && b[i].is_contiguous() && b[i].dim() == 3 &&
                       b[i].size(0) * b[i].size(1) == d_in,
-                  "sparse24_cpu_linear: B must be contiguous bf16 blocks tiling d_in");
+                  "sparse24_cpu_linear: B must be contiguous bf16 transposed blocks tiling d_in");
     }
     rows += values[i].size(0);
   }
@@ -220,22 +370,41 @@ void check_inputs(const at::Tensor& x, const at::TensorList& values, const at::T
   }
 }
 
-void small_m(const at::Tensor& x, at::TensorList values, at::TensorList metas, at::TensorList a,
-             at::TensorList b, const bf16* bias, at::Tensor& y) {
+// B x for every shard (block-diagonal pass), into new (M, d_in) tensors.
+std::vector<at::Tensor> apply_b(const at::Tensor& x, at::TensorList b_t) {
+  const int64_t M = x.size(0), d_in = x.size(1);
+  std::vector<at::Tensor> xb;
+  std::vector<Job> jobs;
+  for (const auto& bt : b_t) {
+    xb.push_back(at::empty({M, d_in}, x.options()));
+    jobs.push_back({bt.data_ptr<bf16>(), nullptr, bt.size(1), x.data_ptr<bf16>(), d_in, d_in,
+                    {xb.back().data_ptr<bf16>(), d_in, 0, nullptr}});
+  }
+  bd_pass(jobs, M);
+  return xb;
+}
+
+// A (core x) of every shard into its columns of y, plus the bias.
+void apply_a(const std::vector<at::Tensor>& mid, at::TensorList a_t, const bf16* bias, at::Tensor& y) {
+  std::vector<Job> jobs;
+  int64_t col = 0;
+  for (size_t i = 0; i < mid.size(); ++i) {
+    const int64_t rows = mid[i].size(1);
+    jobs.push_back({a_t[i].data_ptr<bf16>(), nullptr, a_t[i].size(1), mid[i].data_ptr<bf16>(), rows, rows,
+                    {y.data_ptr<bf16>(), y.size(1), col, bias ? bias + col : nullptr}});
+    col += rows;
+  }
+  bd_pass(jobs, y.size(0));
+}
+
+void small_m(const at::Tensor& x, at::TensorList values, at::TensorList metas, at::TensorList a_t,
+             at::TensorList b_t, const bf16* bias, at::Tensor& y) {
   const int64_t M = x.size(0), d_in = x.size(1), ld = y.size(1);
   const size_t S = values.size();
-  const bool ab = !a.empty();
-  std::vector<at::Tensor> xb(S), mid(S);
+  const bool ab = !a_t.empty();
+  const std::vector<at::Tensor> xb = ab ? apply_b(x, b_t) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> mid(S);
   std::vector<Job> jobs;
-  if (ab) {
-    for (size_t i = 0; i < S; ++i) {
-      xb[i] = at::empty({M, d_in}, x.options());
-      jobs.push_back({b[i].data_ptr<bf16>(), nullptr, b[i].size(1), x.data_ptr<bf16>(), d_in, d_in,
-                      {xb[i].data_ptr<bf16>(), d_in, 0, nullptr}});
-    }
-    run_pass(jobs, M, 2 * b[0].size(1));
-    jobs.clear();
-  }
   int64_t col = 0;
   for (size_t i = 0; i < S; ++i) {
     const int64_t rows = values[i].size(0);
@@ -248,17 +417,8 @@ void small_m(const at::Tensor& x, at::TensorList values, at::TensorList metas, a
     jobs.push_back({values[i].data_ptr<bf16>(), metas[i].data_ptr<uint8_t>(), d_in, xin, d_in, rows, sink});
     col += rows;
   }
-  run_pass(jobs, M, d_in + d_in / 8);
-  if (!ab) return;
-  jobs.clear();
-  col = 0;
-  for (size_t i = 0; i < S; ++i) {
-    const int64_t rows = values[i].size(0);
-    jobs.push_back({a[i].data_ptr<bf16>(), nullptr, a[i].size(1), mid[i].data_ptr<bf16>(), rows, rows,
-                    {y.data_ptr<bf16>(), ld, col, bias ? bias + col : nullptr}});
-    col += rows;
-  }
-  run_pass(jobs, M, 2 * a[0].size(1));
+  core_pass(jobs, M);
+  if (ab) apply_a(mid, a_t, bias, y);
 }
 
 at::Tensor& scratch(int64_t numel) {
@@ -269,15 +429,18 @@ at::Tensor& scratch(int64_t numel) {
 
 constexpr int64_t kTileBytes = int64_t{2} << 20;  // dense scratch tile of the large-M path
 
-void large_m(const at::Tensor& x, at::TensorList values, at::TensorList metas, at::TensorList a, at::TensorList b,
-             const std::optional<at::Tensor>& bias, at::Tensor& y) {
+void large_m(const at::Tensor& x, at::TensorList values, at::TensorList metas, at::TensorList a_t,
+             at::TensorList b_t, const std::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t M = x.size(0), d_in = x.size(1);
   const int64_t tile_rows = std::max<int64_t>(16, (kTileBytes / (2 * d_in)) / 16 * 16);
+  const bool ab = !a_t.empty();
+  const std::vector<at::Tensor> xb = ab ? apply_b(x, b_t) : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> mid;
   int64_t col = 0;
   for (size_t i = 0; i < values.size(); ++i) {
     const int64_t rows = values[i].size(0);
-    const at::Tensor xin = a.empty() ? x : blockdiag_apply(x, b[i]);
-    at::Tensor core_out = at::empty({M, rows}, x.options());
+    const at::Tensor& xin = ab ? xb[i] : x;
+    at::Tensor core_out = ab ? at::empty({M, rows}, x.options()) : y.narrow(1, col, rows);
     const bf16* vals = values[i].data_ptr<bf16>();
     const uint8_t* meta = metas[i].data_ptr<uint8_t>();
     for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
@@ -289,10 +452,13 @@ void large_m(const at::Tensor& x, at::TensorList values, at::TensorList metas, a
       });
       core_out.narrow(1, r0, n).copy_(at::mm(xin, tile.t()));
     }
-    y.narrow(1, col, rows).copy_(a.empty() ? core_out : blockdiag_apply(core_out, a[i]));
+    if (ab) mid.push_back(core_out);
     col += rows;
   }
-  if (bias) y.add_(*bias);
+  if (ab)
+    apply_a(mid, a_t, bias ? bias->data_ptr<bf16>() : nullptr, y);
+  else if (bias)
+    y.add_(*bias);
 }
 
 at::Tensor sparse24_cpu_linear(const at::Tensor& x, at::TensorList values, at::TensorList metas, at::TensorList a,
@@ -331,7 +497,7 @@ at::Tensor sparse24_cpu_decompress(const at::Tensor& values, const at::Tensor& m
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vllm_armor, m) {
-  m.def("sparse24_cpu_linear(Tensor x, Tensor[] values, Tensor[] metas, Tensor[] a_blocks, Tensor[] b_blocks, "
+  m.def("sparse24_cpu_linear(Tensor x, Tensor[] values, Tensor[] metas, Tensor[] a_blocks_t, Tensor[] b_blocks_t, "
         "Tensor? bias, int dense_min_m) -> Tensor");
   m.def("sparse24_cpu_decompress(Tensor values, Tensor meta) -> Tensor");
 }
