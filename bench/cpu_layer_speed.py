@@ -30,7 +30,7 @@ from common import command_line, record
 
 from offline_prune.methods.armor import largest_block_size  # noqa: E402 - after common puts the repo on sys.path
 from vllm_armor import checkpoint_format as cf  # noqa: E402
-from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, available, blocks_t  # noqa: E402
+from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, available, pack_blocks  # noqa: E402
 
 log = logging.getLogger("bench.cpu_layer_speed")
 SHAPES = {
@@ -72,7 +72,7 @@ def layer(d_out: int, d_in: int, gen: torch.Generator) -> dict[str, torch.Tensor
 
 def blocks(dim: int, size: int, gen: torch.Generator) -> torch.Tensor:
     bs = largest_block_size(dim, size)
-    return blocks_t(torch.eye(bs) + 0.1 * torch.randn(dim // bs, bs, bs, generator=gen))
+    return pack_blocks(torch.eye(bs) + 0.1 * torch.randn(dim // bs, bs, bs, generator=gen))
 
 
 def nbytes(*tensors: torch.Tensor) -> int:

@@ -20,7 +20,7 @@ from vllm_armor import checkpoint_format as cf
 from vllm_armor.kernels import LayerSpec, choose_kernel, cpu_build
 from vllm_armor.kernels.dense import DenseFoldKernel
 from vllm_armor.kernels.factored import FactoredKernel
-from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, Sparse24CpuKernel, available, blocks_t
+from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, Sparse24CpuKernel, available, pack_blocks
 from vllm_armor.torch_module import ArmorLinear
 
 BF16_RTOL = 2e-2  # max |error| / max |reference|: a few bf16 roundings (values, B x, core x, A)
@@ -59,7 +59,7 @@ def _reference(x: torch.Tensor, shards: list[dict[str, torch.Tensor]], bias: tor
 
 def _op(x, shards, bias, dense_min_m):
     ab = cf.ARMOR_A in shards[0]
-    bf = [lambda t, s=s: blocks_t(t[s]) for s in (cf.ARMOR_A, cf.ARMOR_B)]
+    bf = [lambda t, s=s: pack_blocks(t[s]) for s in (cf.ARMOR_A, cf.ARMOR_B)]
     return torch.ops.vllm_armor.sparse24_cpu_linear(
         x, [t[cf.CORE_VALUES] for t in shards], [t[cf.CORE_META] for t in shards],
         [bf[0](t) for t in shards] if ab else [], [bf[1](t) for t in shards] if ab else [], bias, dense_min_m)
@@ -147,7 +147,7 @@ def test_kernel_interface_and_armorlinear(cpu_kernel, ab_dtype):
     layer = torch.nn.Module()
     kernel = Sparse24CpuKernel(LayerSpec(torch.device("cpu"), torch.bfloat16, (64, 32), 96, True))
     kernel.process_weights(layer, shards)
-    assert layer.armor_values_0.dtype == torch.bfloat16 and layer.armor_a_t_1.dtype == torch.bfloat16
+    assert layer.armor_values_0.dtype == torch.bfloat16 and layer.armor_a_packed_1.dtype == torch.bfloat16
     assert not any(p.shape == (64, 96) for p in layer.parameters()), "a dense core was stored"
     bias = torch.randn(96, generator=gen).to(torch.bfloat16)
     for m in (1, DENSE_MIN_M + 3):

@@ -10,7 +10,8 @@ Paths inside the op, by the number of tokens M of a call:
 * M >= `DENSE_MIN_M` (prefill): the same B and A passes; the core decompressed 2 MiB of rows at a time into a
   scratch buffer for at::mm (oneDNN); no dense copy of the weight is ever held.
 
-A and B are held as their transposed blocks (`blocks_t`), the layout the block-diagonal passes read.
+A and B are held packed (`pack_blocks`): 16 outputs x an input pair per vector, the layout the
+block-diagonal passes read with bf16 dot products.
 
 Where the kernel cannot be built or the CPU lacks AVX-512 BF16/VBMI2, `supports_device` says why and `auto`
 keeps the dense fold.
@@ -34,7 +35,7 @@ DENSE_MIN_M = 32
 _FAKE_REGISTERED: list[bool] = []
 
 
-def _sparse24_cpu_linear_fake(x, values, metas, a_blocks_t, b_blocks_t, bias, dense_min_m):
+def _sparse24_cpu_linear_fake(x, values, metas, a_packed, b_packed, bias, dense_min_m):
     return x.new_empty((*x.shape[:-1], sum(int(v.shape[0]) for v in values)))
 
 
@@ -74,8 +75,8 @@ class Sparse24CpuKernel(ArmorKernel):
             register_frozen(layer, f"armor_values_{i}", _bf16(tensors[fmt.CORE_VALUES]))
             register_frozen(layer, f"armor_meta_{i}", tensors[fmt.CORE_META].contiguous())
             if self.spec.has_ab:
-                register_frozen(layer, f"armor_a_t_{i}", blocks_t(tensors[fmt.ARMOR_A]))
-                register_frozen(layer, f"armor_b_t_{i}", blocks_t(tensors[fmt.ARMOR_B]))
+                register_frozen(layer, f"armor_a_packed_{i}", pack_blocks(tensors[fmt.ARMOR_A]))
+                register_frozen(layer, f"armor_b_packed_{i}", pack_blocks(tensors[fmt.ARMOR_B]))
 
     def _tensors(self, layer: nn.Module, kind: str) -> list[torch.Tensor]:
         return [getattr(layer, f"armor_{kind}_{i}") for i in range(self.n_shards)]
@@ -84,7 +85,8 @@ class Sparse24CpuKernel(ArmorKernel):
         ab = self.spec.has_ab
         return torch.ops.vllm_armor.sparse24_cpu_linear(
             x, self._tensors(layer, "values"), self._tensors(layer, "meta"),
-            self._tensors(layer, "a_t") if ab else [], self._tensors(layer, "b_t") if ab else [], bias, DENSE_MIN_M)
+            self._tensors(layer, "a_packed") if ab else [], self._tensors(layer, "b_packed") if ab else [], bias,
+            DENSE_MIN_M)
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
@@ -92,6 +94,11 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).contiguous()
 
 
-def blocks_t(blocks: torch.Tensor) -> torch.Tensor:
-    """Blocks (n, bs, bs) of A or B as the op takes them: bf16, each block transposed, contiguous."""
-    return blocks.to(torch.bfloat16).transpose(1, 2).contiguous()
+def pack_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks (n, bs, bs) of A or B as the op takes them: (n, ceil(bs/16), ceil(bs/2), 16, 2) bf16 with
+    packed[J, c, p, l, t] = blocks[J, 16c + l, 2p + t] (zero past bs): 16 outputs x an input pair per vector."""
+    n, bs, _ = blocks.shape
+    chunks, pairs = -(-bs // 16), -(-bs // 2)
+    padded = blocks.new_zeros(n, chunks * 16, pairs * 2)
+    padded[:, :bs, :bs] = blocks
+    return padded.reshape(n, chunks, 16, pairs, 2).permute(0, 1, 3, 2, 4).to(torch.bfloat16).contiguous()

@@ -6,8 +6,8 @@
 // values of the row: one masked expand-load (vpexpandw) gives the 32 dense lanes, one vdpbf16ps multiplies
 // them with 32 inputs. Nothing is expanded to memory on the small-M path.
 //
-// A and B arrive as their transposed blocks (n, bs, bs), blocks_t[J] = M_J^T (prepared once at load), so a
-// block-diagonal pass is bs rank-1 updates of 16-wide fp32 columns per input: no horizontal sums.
+// A and B arrive packed once at load (see bd_block) so that a block-diagonal pass adds two columns of a block
+// to 16 outputs per vdpbf16ps: no horizontal sums.
 //
 // Small M (decode): B, core and A are three passes split over the threads vLLM's CPU worker sets
 // (at::parallel_for), fp32 accumulation, bf16 between passes (as the factored reference). The core pass keeps
@@ -228,21 +228,41 @@ inline float bf16_to_f32(const bf16* p) {
   return f;
 }
 
-// Block J of a block-diagonal matrix M applied to MT inputs: y[m, J*bs + i] = sum_k M_J[i, k] x[m, J*bs + k],
-// as bs rank-1 updates of 16-wide columns of M_J (`bt` holds M_J^T in fp32, so column k of M_J is the row
-// bt[k]); no horizontal sums. x and y point at column J*bs of their rows.
+// Packed block-diagonal layout (`pack_blocks` in sparse24_cpu.py): block J of M (bs x bs) as
+// (ceil(bs/16), ceil(bs/2), 16, 2) bf16, packed[c][p][l][t] = M_J[16c + l, 2p + t] (zero past bs), so one
+// vdpbf16ps adds the input pair (x[2p], x[2p+1]) times two columns to 16 outputs: no horizontal sums.
+inline int64_t packed_block_elems(int64_t bs) { return (bs + 15) / 16 * ((bs + 1) / 2) * 32; }
+
+// Input pair p of an input row, as the 32-bit lane vdpbf16ps broadcasts (the odd tail's second half is 0).
+inline __m512i input_pair(const bf16* x, int64_t p, int64_t bs) {
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(x) + 2 * p;
+  const uint32_t lo = u[0], hi = 2 * p + 1 < bs ? u[1] : 0u;
+  return _mm512_set1_epi32(static_cast<int>(lo | (hi << 16)));
+}
+
+// Block J applied to MT inputs: y[m, J*bs + i] = sum_k M_J[i, k] x[m, J*bs + k] (+ bias); x and y point at
+// column J*bs of their rows.
 template <int MT>
-inline void bd_block(const float* bt, int64_t bs, const bf16* x, int64_t ldx, bf16* y, int64_t ldy,
-                     const bf16* bias, float* xs /* MT * bs scratch */) {
-  for (int m = 0; m < MT; ++m)
-    for (int64_t k = 0; k < bs; ++k) xs[m * bs + k] = bf16_to_f32(x + m * ldx + k);
+inline void bd_block(const bf16* packed, int64_t bs, const bf16* x, int64_t ldx, bf16* y, int64_t ldy,
+                     const bf16* bias) {
+  const int64_t np = (bs + 1) / 2;
   for (int64_t c = 0; c < bs; c += 16) {
     const __mmask16 mask = static_cast<__mmask16>(bs - c >= 16 ? 0xFFFF : (1u << (bs - c)) - 1u);
+    const bf16* w = packed + (c / 16) * np * 32;
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < bs; ++k) {
-      const __m512 col = _mm512_maskz_loadu_ps(mask, bt + k * bs + c);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(col, _mm512_set1_ps(xs[m * bs + k]), acc[m]);
+    const int64_t full = bs / 2;
+    for (int64_t p = 0; p < full; ++p) {
+      const __m512i wv = _mm512_loadu_si512(w + p * 32);
+      for (int m = 0; m < MT; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, x + m * ldx + 2 * p, sizeof pair);
+        acc[m] = dp(acc[m], wv, _mm512_set1_epi32(pair));
+      }
+    }
+    if (full < np) {
+      const __m512i wv = _mm512_loadu_si512(w + full * 32);
+      for (int m = 0; m < MT; ++m) acc[m] = dp(acc[m], wv, input_pair(x + m * ldx, full, bs));
     }
     if (bias) {
       const __m512 b = bf16x16_to_f32(_mm256_maskz_loadu_epi16(mask, bias + c));
@@ -255,9 +275,9 @@ inline void bd_block(const float* bt, int64_t bs, const bf16* x, int64_t ldx, bf
 
 // One matrix of a pass: its weights, input and where its rows go.
 struct Job {
-  const bf16* w;        // compressed core values, or the transposed blocks (n, bs, bs) of a block-diagonal pass
+  const bf16* w;        // compressed core values, or the packed blocks of a block-diagonal pass
   const uint8_t* meta;  // null for block-diagonal passes
-  int64_t d_in;         // core input width (sparse) or block size (dense)
+  int64_t d_in;         // core input width (sparse) or block size (block-diagonal)
   const bf16* x;
   int64_t ldx;
   int64_t rows;
@@ -267,40 +287,28 @@ struct Job {
 constexpr int64_t kBdTile = 8;  // inputs per block-diagonal tile
 
 template <int MT>
-void bd_tile(const float* bt, int64_t bs, const bf16* x, int64_t ldx, bf16* y, int64_t ldy, const bf16* bias,
-             int64_t mt, float* xs) {
+void bd_tile(const bf16* packed, int64_t bs, const bf16* x, int64_t ldx, bf16* y, int64_t ldy, const bf16* bias,
+             int64_t mt) {
   if constexpr (MT > 1) {
-    if (mt < MT) return bd_tile<MT - 1>(bt, bs, x, ldx, y, ldy, bias, mt, xs);
+    if (mt < MT) return bd_tile<MT - 1>(packed, bs, x, ldx, y, ldy, bias, mt);
   }
-  bd_block<MT>(bt, bs, x, ldx, y, ldy, bias, xs);
+  bd_block<MT>(packed, bs, x, ldx, y, ldy, bias);
 }
 
-// A block-diagonal pass: items are (block, tile of up to 8 inputs), block-major so that a thread converts each
-// block to fp32 once for all its tiles; parallel over all items of all jobs.
+// A block-diagonal pass: items are (block, tile of up to 8 inputs), parallel over all items of all jobs.
 void bd_pass(const std::vector<Job>& jobs, int64_t M) {
   const int64_t tiles = (M + kBdTile - 1) / kBdTile;
   std::vector<int64_t> starts(jobs.size() + 1, 0);
-  int64_t max_bs = 1;
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    starts[i + 1] = starts[i] + tiles * (jobs[i].rows / jobs[i].d_in);
-    max_bs = std::max(max_bs, jobs[i].d_in);
-  }
+  for (size_t i = 0; i < jobs.size(); ++i) starts[i + 1] = starts[i] + tiles * (jobs[i].rows / jobs[i].d_in);
   at::parallel_for(0, starts.back(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> block(max_bs * max_bs), xs(kBdTile * max_bs);
-    const bf16* converted = nullptr;
     for (size_t i = 0; i < jobs.size(); ++i) {
       const Job& j = jobs[i];
       const int64_t bs = j.d_in;
       for (int64_t it = std::max(begin, starts[i]); it < std::min(end, starts[i + 1]); ++it) {
         const int64_t blk = (it - starts[i]) / tiles, m0 = (it - starts[i]) % tiles * kBdTile;
-        const bf16* bt = j.w + blk * bs * bs;
-        if (bt != converted) {
-          for (int64_t e = 0; e < bs * bs; ++e) block[e] = bf16_to_f32(bt + e);
-          converted = bt;
-        }
-        bd_tile<kBdTile>(block.data(), bs, j.x + m0 * j.ldx + blk * bs, j.ldx,
+        bd_tile<kBdTile>(j.w + blk * packed_block_elems(bs), bs, j.x + m0 * j.ldx + blk * bs, j.ldx,
                          j.sink.y + m0 * j.sink.ld + j.sink.col0 + blk * bs, j.sink.ld,
-                         j.sink.bias ? j.sink.bias + blk * bs : nullptr, std::min(kBdTile, M - m0), xs.data());
+                         j.sink.bias ? j.sink.bias + blk * bs : nullptr, std::min(kBdTile, M - m0));
       }
     }
   });
@@ -338,6 +346,16 @@ void decompress_rows(const bf16* vals, const uint8_t* meta, int64_t d_in, int64_
   }
 }
 
+// A or B of a shard: packed blocks (n, ceil(bs/16), ceil(bs/2), 16, 2) bf16 tiling `dim` (bs = dim / n).
+void check_packed(const at::Tensor& t, int64_t dim, const char* which) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.dim() == 5 && t.size(0) > 0 &&
+                  dim % t.size(0) == 0 && t.size(3) == 16 && t.size(4) == 2,
+              "sparse24_cpu_linear: ", which, " must be contiguous bf16 packed blocks (pack_blocks) tiling ", dim);
+  const int64_t bs = dim / t.size(0);
+  TORCH_CHECK(t.size(1) == (bs + 15) / 16 && t.size(2) == (bs + 1) / 2, "sparse24_cpu_linear: ", which,
+              " packed blocks do not match block size ", bs);
+}
+
 void check_inputs(const at::Tensor& x, const at::TensorList& values, const at::TensorList& metas,
                   const at::TensorList& a, const at::TensorList& b, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "sparse24_cpu_linear: x must be CPU bf16");
@@ -355,12 +373,8 @@ void check_inputs(const at::Tensor& x, const at::TensorList& values, const at::T
                     metas[i].size(0) == values[i].size(0) && metas[i].size(1) * 8 == d_in,
                 "sparse24_cpu_linear: meta must be contiguous uint8 (d_out, d_in/8)");
     if (!a.empty()) {
-      TORCH_CHECK(a[i].scalar_type() == at::kBFloat16 && a[i].is_contiguous() && a[i].dim() == 3 &&
-                      a[i].size(0) * a[i].size(1) == values[i].size(0),
-                  "sparse24_cpu_linear: A must be contiguous bf16 transposed blocks tiling d_out");
-      TORCH_CHECK(b[i].scalar_type() == at::kBFloat16 && b[i].is_contiguous() && b[i].dim() == 3 &&
-                      b[i].size(0) * b[i].size(1) == d_in,
-                  "sparse24_cpu_linear: B must be contiguous bf16 transposed blocks tiling d_in");
+      check_packed(a[i], values[i].size(0), "A");
+      check_packed(b[i], d_in, "B");
     }
     rows += values[i].size(0);
   }
@@ -377,7 +391,7 @@ std::vector<at::Tensor> apply_b(const at::Tensor& x, at::TensorList b_t) {
   std::vector<Job> jobs;
   for (const auto& bt : b_t) {
     xb.push_back(at::empty({M, d_in}, x.options()));
-    jobs.push_back({bt.data_ptr<bf16>(), nullptr, bt.size(1), x.data_ptr<bf16>(), d_in, d_in,
+    jobs.push_back({bt.data_ptr<bf16>(), nullptr, d_in / bt.size(0), x.data_ptr<bf16>(), d_in, d_in,
                     {xb.back().data_ptr<bf16>(), d_in, 0, nullptr}});
   }
   bd_pass(jobs, M);
@@ -390,7 +404,7 @@ void apply_a(const std::vector<at::Tensor>& mid, at::TensorList a_t, const bf16*
   int64_t col = 0;
   for (size_t i = 0; i < mid.size(); ++i) {
     const int64_t rows = mid[i].size(1);
-    jobs.push_back({a_t[i].data_ptr<bf16>(), nullptr, a_t[i].size(1), mid[i].data_ptr<bf16>(), rows, rows,
+    jobs.push_back({a_t[i].data_ptr<bf16>(), nullptr, rows / a_t[i].size(0), mid[i].data_ptr<bf16>(), rows, rows,
                     {y.data_ptr<bf16>(), y.size(1), col, bias ? bias + col : nullptr}});
     col += rows;
   }
@@ -497,7 +511,7 @@ at::Tensor sparse24_cpu_decompress(const at::Tensor& values, const at::Tensor& m
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vllm_armor, m) {
-  m.def("sparse24_cpu_linear(Tensor x, Tensor[] values, Tensor[] metas, Tensor[] a_blocks_t, Tensor[] b_blocks_t, "
+  m.def("sparse24_cpu_linear(Tensor x, Tensor[] values, Tensor[] metas, Tensor[] a_packed, Tensor[] b_packed, "
         "Tensor? bias, int dense_min_m) -> Tensor");
   m.def("sparse24_cpu_decompress(Tensor values, Tensor meta) -> Tensor");
 }
