@@ -136,7 +136,7 @@ def markdown(rows: list[dict], machine: str, command: str) -> str:
     seven_b = [r for r in rows if r["shape"][0] >= 4096 and r["m"] == 1]
     target = ", ".join(f"{r['shape'][0]}x{r['shape'][1]} t={r['threads']}: {r['speedup_ab128']:.2f}x" for r in seven_b)
     return (f"\n## CPU layer speed: dense bf16 vs the CPU 2:4 kernel ({dt.date.today()})\n\n"
-            f"Machine: {machine}. Command: `flock /work/cpu.lock {command}`. Each cell: median microseconds "
+            f"Machine: {machine}. Command: `{command}`. Each cell: median microseconds "
             f"(effective GB/s of weight bytes). A,B columns: block sizes by the pruner's rule, M >= {DENSE_MIN_M} "
             "on the tile path as `apply` routes it.\n\n"
             f"Target 7B shapes, M=1, A,B 128 >= 1.5x dense: {target}.\n\n" + head + body)
@@ -151,12 +151,14 @@ def main() -> None:
     ok, why = available()
     if not ok:
         raise SystemExit(f"the CPU 2:4 kernel is not available: {why}")
+    load_before = open("/proc/loadavg").read().split()[0]
     ms = (1,) if args.quick else MS
     rows = [r for d_out, d_in in SHAPES.values() for r in bench_shape(d_out, d_in, args.budget_s, ms)]
     if args.quick:
         return
     machine = (f"{platform.node()} {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-               f"load average {open('/proc/loadavg').read().split()[0]}, torch {torch.__version__}")
+               f"load average {load_before} before and {open('/proc/loadavg').read().split()[0]} after, "
+               f"torch {torch.__version__}")
     command = command_line("cpu_layer_speed.py")
     record("cpu_layer_speed", {"date": str(dt.datetime.now(dt.timezone.utc)), "machine": machine, "command": command,
                                "dense_min_m": DENSE_MIN_M, "rows": rows}, markdown(rows, machine, command))
