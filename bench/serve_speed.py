@@ -9,10 +9,10 @@ e.g. the original, or by default the dense twin folded by `tools.fold`): start `
 answers), one warm-up request, then greedy decoding of `--tokens` tokens (ignore_eos) for 1 request and for 8
 concurrent requests (output tokens / wall seconds), and the time to first token of a 1024-token prompt
 (streamed, median of 3 different prompts, so no prefix-cache hit). Weight bytes: what the server holds for the
-model's weights, from the safetensors headers (sparse24_cpu: the checkpoint with A and B in bf16; the fold and
-the dense model: every pruned linear as a dense weight). With `--factored` also `VLLM_ARMOR_KERNEL=factored`.
-Writes bench/results/serve_speed.json and appends the table (date, machine, command, ratios to the dense model)
-to docs/BENCHMARKS.md.
+model's weights, from the safetensors headers (sparse24_cpu: the checkpoint with A and B in bf16, packed with their
+zero padding; the fold and the dense model: every pruned linear as a dense weight). With `--factored` also
+`VLLM_ARMOR_KERNEL=factored`. Writes bench/results/serve_speed.json and appends the table (date, machine, command,
+ratios to the dense model) to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from common import WIKITEXT, command_line, record
 from tools.fold import fold_checkpoint  # noqa: E402 - after common puts the repo on sys.path
 from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
 from vllm_armor import checkpoint_format as cf  # noqa: E402
+from vllm_armor.kernels.sparse24_cpu import packed_numel  # noqa: E402
 
 log = logging.getLogger("bench.serve_speed")
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -98,7 +99,8 @@ def weight_bytes(folder: Path, compressed: bool) -> int:
     if not compressed:
         return cf.footprint(infos, pruned).dense_bytes
     ab = {cf.tensor_name(m, s) for m in pruned for s in (cf.ARMOR_A, cf.ARMOR_B)}
-    return sum(math.prod(i.shape) * (2 if n in ab else i.dtype.itemsize) for n, i in infos.items())
+    return sum(2 * packed_numel(i.shape[0], i.shape[1]) if n in ab else math.prod(i.shape) * i.dtype.itemsize
+               for n, i in infos.items())
 
 
 def main() -> None:

@@ -98,7 +98,17 @@ def pack_blocks(blocks: torch.Tensor) -> torch.Tensor:
     """Blocks (n, bs, bs) of A or B as the op takes them: (n, ceil(bs/16), ceil(bs/2), 16, 2) bf16 with
     packed[J, c, p, l, t] = blocks[J, 16c + l, 2p + t] (zero past bs): 16 outputs x an input pair per vector."""
     n, bs, _ = blocks.shape
-    chunks, pairs = -(-bs // 16), -(-bs // 2)
+    chunks, pairs = _packed_dims(bs)
     padded = blocks.new_zeros(n, chunks * 16, pairs * 2)
     padded[:, :bs, :bs] = blocks
     return padded.reshape(n, chunks, 16, pairs, 2).permute(0, 1, 3, 2, 4).to(torch.bfloat16).contiguous()
+
+
+def _packed_dims(bs: int) -> tuple[int, int]:
+    return -(-bs // 16), -(-bs // 2)
+
+
+def packed_numel(n: int, bs: int) -> int:
+    """Elements of `pack_blocks` for n blocks of size bs (zero padding included): what the server holds."""
+    chunks, pairs = _packed_dims(bs)
+    return n * chunks * 16 * pairs * 2
