@@ -53,7 +53,7 @@ SERVE_ARGS ?= --max-model-len 2048
 
 # Start `vllm serve` on the demo checkpoint, ask one chat question with the openai client, print, stop.
 demo-serve: setup
-	$(PY) -m tools.chat_demo $(DEMO_OUT) --question "What is the capital of France?"
+	$(PY) -m tools.chat_demo $(DEMO_OUT) --eager --question "What is the capital of France?"
 
 # Keep a server running on the demo checkpoint (Ctrl-C stops it).
 serve: setup
