@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-windows", type=int, default=None, help="WikiText-2 windows (default: the whole split)")
     ap.add_argument("--work", type=Path, default=Path("out/convergence_curve"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads here and in the subprocesses (0: default)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate a finished prune already in WORK instead of pruning again (e.g. one resumed "
+                         "across sessions); its time is then the summed job seconds of its report, not a wall time")
     return ap.parse_args()
 
 
@@ -108,13 +111,18 @@ def prune_and_eval(args: argparse.Namespace, iters: int | None) -> dict:
            "--device", "cpu", "--overwrite"]
     if iters is not None:
         cmd += ["--iters", str(iters), "--plateau-tol", "0"]
+    reused = args.reuse and (out / "armor_report.json").exists()
     start = time.perf_counter()
-    run(cmd)
+    if not reused:
+        run(cmd)
     wall = time.perf_counter() - start
     report = json.loads((out / "armor_report.json").read_text())
+    if reused:
+        wall = report["summary"]["job_seconds"]
     ppl = armor_eval_ppl(out, WIKITEXT, 2048, args.max_windows)
     s = report["summary"]
     return {"iters": iters, "ppl": ppl["ppl"], "windows": ppl["windows"], "prune_wall_s": round(wall, 1),
+            "reused": reused,
             "mean_loss": s["mean_loss_final_relative"], "mean_iterations": sum(
                 r["iterations"] for r in report["linears"]) / len(report["linears"]),
             "bytes_ratio": s["bytes_ratio"], "ab_overhead": s["ab_overhead"], "stopped": s["stopped"]}
@@ -145,8 +153,9 @@ def markdown(args: argparse.Namespace, rows: list[dict], ppl_rows: list[dict], m
                   "A+B / core values |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in ppl_rows:
             name = "default" if r["iters"] is None else str(r["iters"])
+            secs = f"{r['prune_wall_s']:.0f}" + (" (job s, reused)" if r.get("reused") else "")
             lines.append(f"| {name} | {r['ppl']:.3f} | {r['mean_iterations']:.1f} | {r['mean_loss']:.4f} | "
-                         f"{r['prune_wall_s']:.0f} | {r['bytes_ratio']:.3f} | {r['ab_overhead']:.4f} |")
+                         f"{secs} | {r['bytes_ratio']:.3f} | {r['ab_overhead']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
