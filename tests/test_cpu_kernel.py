@@ -20,7 +20,7 @@ from vllm_armor import checkpoint_format as cf
 from vllm_armor.kernels import LayerSpec, choose_kernel, cpu_build
 from vllm_armor.kernels.dense import DenseFoldKernel
 from vllm_armor.kernels.factored import FactoredKernel
-from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, Sparse24CpuKernel, available, pack_blocks
+from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, Sparse24CpuKernel, available, pack_blocks, packed_numel
 from vllm_armor.torch_module import ArmorLinear
 
 BF16_RTOL = 2e-2  # max |error| / max |reference|: a few bf16 roundings (values, B x, core x, A)
@@ -232,3 +232,26 @@ def test_tiny_model_shards_through_the_kernel(cpu_kernel):
               for d in (384, 192, 192)]
     x = torch.randn(3, 384, generator=gen).to(torch.bfloat16)
     _assert_close(_op(x, shards, None, 1 << 30), _reference(x, shards, None))
+
+
+@pytest.mark.parametrize("bs", [1, 2, 8, 9, 16, 24, 33])
+def test_pack_blocks_layout(bs):
+    """packed[J, c, p, l, t] = blocks[J, 16c + l, 2p + t], zero past bs; packed_numel counts the padding."""
+    gen = torch.Generator().manual_seed(bs)
+    blocks = torch.randn(3, bs, bs, generator=gen).to(torch.bfloat16)
+    packed = pack_blocks(blocks)
+    assert packed.dtype == torch.bfloat16 and packed.is_contiguous()
+    assert packed.numel() == packed_numel(3, bs)
+    chunks, pairs = packed.shape[1], packed.shape[2]
+    back = packed.permute(0, 1, 3, 2, 4).reshape(3, chunks * 16, pairs * 2)
+    assert torch.equal(back[:, :bs, :bs], blocks)
+    assert not back[:, bs:].any() and not back[:, :, bs:].any()
+
+
+def test_op_refuses_unpacked_blocks(cpu_kernel):
+    gen = torch.Generator().manual_seed(6)
+    t = _linear(32, 64, 16, 16, gen)
+    x = torch.randn(2, 64, generator=gen).to(torch.bfloat16)
+    raw = [t[cf.ARMOR_A].to(torch.bfloat16).contiguous()], [t[cf.ARMOR_B].to(torch.bfloat16).contiguous()]
+    with pytest.raises(RuntimeError, match="packed blocks"):
+        torch.ops.vllm_armor.sparse24_cpu_linear(x, [t[cf.CORE_VALUES]], [t[cf.CORE_META]], *raw, None, 1 << 30)
