@@ -221,13 +221,6 @@ void core_rows(const bf16* vals, const uint8_t* meta, int64_t d_in, const bf16* 
 
 inline __m512 bf16x16_to_f32(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
-inline float bf16_to_f32(const bf16* p) {
-  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[0]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // Packed block-diagonal layout (`pack_blocks` in sparse24_cpu.py): block J of M (bs x bs) as
 // (ceil(bs/16), ceil(bs/2), 16, 2) bf16, packed[c][p][l][t] = M_J[16c + l, 2p + t] (zero past bs), so one
 // vdpbf16ps adds the input pair (x[2p], x[2p+1]) times two columns to 16 outputs: no horizontal sums.
