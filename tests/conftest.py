@@ -99,7 +99,7 @@ def tiny_mistral(tmp_path_factory, smollm2_dir) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", smollm2_dir)
 
 
-E2E_PRUNE = dict(calib_samples=8, calib_seqlen=256, seed=0, options=dict(block_size=32, iters=30))
+E2E_PRUNE = dict(calib_samples=8, calib_seqlen=256, seed=0, options=dict(block_size=32, iters=8))
 
 
 @pytest.fixture(scope="session")
