@@ -10,7 +10,7 @@ the kernel with the core alone on each of its two paths (the streaming small-M p
 + at::mm path, forced); the kernel with A and B at block sizes 16, 32, 64, 128 (the pruner's rule: the largest
 divisor of the dimension that is a multiple of 4 and at most the size) as `apply` runs it (its M threshold).
 Median of a few repeats; effective GB/s = weight bytes read / time (dense: 2 bytes a weight; the kernel:
-values + metadata + A and B packed in bf16). In these per-layer timings the weights stay in cache between
+packed core values + patterns + A and B packed in bf16). In these per-layer timings the weights stay in cache between
 repeats; the second table is closer to serving: every decoder linear of SmolLM2-135M as vLLM fuses them (q/k/v,
 o, gate/up, down) for all 30 layers one after another (weights far larger than the L3 cache), 1 thread (what
 vLLM's CPU worker has on 2 cores), A and B at the pruner's default block sizes. Writes
@@ -34,7 +34,7 @@ from common import command_line, record
 
 from offline_prune.methods.armor import largest_block_size  # noqa: E402 - after common puts the repo on sys.path
 from vllm_armor import checkpoint_format as cf  # noqa: E402
-from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, available, pack_blocks  # noqa: E402
+from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, available, pack_blocks, pack_core  # noqa: E402
 
 log = logging.getLogger("bench.cpu_layer_speed")
 SHAPES = {
@@ -71,7 +71,8 @@ def layer(d_out: int, d_in: int, gen: torch.Generator) -> dict[str, torch.Tensor
     groups = w.abs().reshape(d_out, d_in // 4, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
     values, meta = cf.pack_2to4(w, keep.reshape(d_out, d_in))
-    return {"values": values.to(torch.bfloat16).contiguous(), "meta": meta.contiguous()}
+    vals, pats = pack_core(values.to(torch.bfloat16), meta)
+    return {"vals": vals, "pats": pats, "rows": d_out}
 
 
 def blocks(dim: int, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -102,16 +103,16 @@ def layer_variants(x: torch.Tensor, core: dict[str, torch.Tensor], dense_w: torc
                    ab: dict[int, tuple[torch.Tensor, torch.Tensor]], gemm) -> dict[str, Variant]:
     """name -> (call, weight bytes it reads)."""
     op = torch.ops.vllm_armor.sparse24_cpu_linear
-    vals, meta = [core["values"]], [core["meta"]]
-    core_bytes = nbytes(core["values"], core["meta"])
+    vals, pats, rows = [core["vals"]], [core["pats"]], [core["rows"]]
+    core_bytes = nbytes(core["vals"], core["pats"])
     out: dict[str, Variant] = {
         "dense": (lambda: F.linear(x, dense_w), nbytes(dense_w)),
         "vllm_dense": (lambda: gemm(x), nbytes(dense_w)),
-        "core_stream": (lambda: op(x, vals, meta, [], [], None, NEVER), core_bytes),
-        "core_tiles": (lambda: op(x, vals, meta, [], [], None, ALWAYS), core_bytes),
+        "core_stream": (lambda: op(x, vals, pats, rows, [], [], None, NEVER), core_bytes),
+        "core_tiles": (lambda: op(x, vals, pats, rows, [], [], None, ALWAYS), core_bytes),
     }
     for bs, (a, b) in ab.items():
-        out[f"ab{bs}"] = ((lambda a=a, b=b: op(x, vals, meta, [a], [b], None, DENSE_MIN_M)),
+        out[f"ab{bs}"] = ((lambda a=a, b=b: op(x, vals, pats, rows, [a], [b], None, DENSE_MIN_M)),
                           core_bytes + nbytes(a, b))
     return out
 
@@ -168,7 +169,7 @@ def model_sequence(budget_s: float) -> list[dict]:
             gemms.append(vllm_gemm(w))
             cores = [layer(d, d_in, gen) for d in outs]
             sizes = [auto_block_sizes(d, d_in, 0.125) for d in outs]
-            armor.append(([c["values"] for c in cores], [c["meta"] for c in cores],
+            armor.append(([c["vals"] for c in cores], [c["pats"] for c in cores], list(outs),
                           [blocks(d, bo, gen) for d, (bo, _) in zip(outs, sizes, strict=True)],
                           [blocks(d_in, bi, gen) for _, bi in sizes]))
     rows = []
@@ -177,8 +178,8 @@ def model_sequence(budget_s: float) -> list[dict]:
         runs = {
             "F.linear": lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in dense],
             "vllm_dense": lambda xs=xs: [g(xs[w.shape[1]]) for g, w in zip(gemms, dense, strict=True)],
-            "sparse24_cpu": lambda xs=xs: [op(xs[v[0].shape[1] * 2], v, mt, a, b, None, DENSE_MIN_M)
-                                           for v, mt, a, b in armor],
+            "sparse24_cpu": lambda xs=xs: [op(xs[v[0].shape[1] * 4], v, p, r, a, b, None, DENSE_MIN_M)
+                                           for v, p, r, a, b in armor],
         }
         row = {"m": m, **{name: median_s(fn, budget_s) * 1e3 for name, fn in runs.items()}}
         row["vllm_dense_over_kernel"] = row["vllm_dense"] / row["sparse24_cpu"]

@@ -99,8 +99,16 @@ def weight_bytes(folder: Path, compressed: bool) -> int:
     if not compressed:
         return cf.footprint(infos, pruned).dense_bytes
     ab = {cf.tensor_name(m, s) for m in pruned for s in (cf.ARMOR_A, cf.ARMOR_B)}
-    return sum(2 * packed_numel(i.shape[0], i.shape[1]) if n in ab else math.prod(i.shape) * i.dtype.itemsize
-               for n, i in infos.items())
+    core = {cf.tensor_name(m, s) for m in pruned for s in (cf.CORE_VALUES, cf.CORE_META)}
+
+    def held(name: str, info) -> int:
+        if name in ab:
+            return 2 * packed_numel(info.shape[0], info.shape[1])
+        if name in core:  # pack_core pads the rows to a multiple of 32
+            return -(-info.shape[0] // 32) * 32 * math.prod(info.shape[1:]) * info.dtype.itemsize
+        return math.prod(info.shape) * info.dtype.itemsize
+
+    return sum(held(n, i) for n, i in infos.items())
 
 
 def main() -> None:

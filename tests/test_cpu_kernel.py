@@ -20,7 +20,14 @@ from vllm_armor import checkpoint_format as cf
 from vllm_armor.kernels import LayerSpec, choose_kernel, cpu_build
 from vllm_armor.kernels.dense import DenseFoldKernel
 from vllm_armor.kernels.factored import FactoredKernel
-from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, Sparse24CpuKernel, available, pack_blocks, packed_numel
+from vllm_armor.kernels.sparse24_cpu import (
+    DENSE_MIN_M,
+    Sparse24CpuKernel,
+    available,
+    pack_blocks,
+    pack_core,
+    packed_numel,
+)
 from vllm_armor.torch_module import ArmorLinear
 
 BF16_RTOL = 2e-2  # max |error| / max |reference|: a few bf16 roundings (values, B x, core x, A)
@@ -57,12 +64,17 @@ def _reference(x: torch.Tensor, shards: list[dict[str, torch.Tensor]], bias: tor
     return F.linear(x.float(), w, None if bias is None else bias.float())
 
 
+def _core(shards):
+    packed = [pack_core(t[cf.CORE_VALUES], t[cf.CORE_META]) for t in shards]
+    return [v for v, _ in packed], [p for _, p in packed], [int(t[cf.CORE_VALUES].shape[0]) for t in shards]
+
+
 def _op(x, shards, bias, dense_min_m):
     ab = cf.ARMOR_A in shards[0]
     bf = [lambda t, s=s: pack_blocks(t[s]) for s in (cf.ARMOR_A, cf.ARMOR_B)]
     return torch.ops.vllm_armor.sparse24_cpu_linear(
-        x, [t[cf.CORE_VALUES] for t in shards], [t[cf.CORE_META] for t in shards],
-        [bf[0](t) for t in shards] if ab else [], [bf[1](t) for t in shards] if ab else [], bias, dense_min_m)
+        x, *_core(shards), [bf[0](t) for t in shards] if ab else [], [bf[1](t) for t in shards] if ab else [],
+        bias, dense_min_m)
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -123,7 +135,8 @@ def test_op_keeps_leading_dims_and_handles_empty_batch(cpu_kernel):
 def test_decompress_is_the_format_unpack(cpu_kernel):
     gen = torch.Generator().manual_seed(9)
     t = _linear(33, 88, None, None, gen)
-    dense = torch.ops.vllm_armor.sparse24_cpu_decompress(t[cf.CORE_VALUES], t[cf.CORE_META])
+    vals, pats, rows = _core([t])
+    dense = torch.ops.vllm_armor.sparse24_cpu_decompress(vals[0], pats[0], rows[0])
     assert torch.equal(dense, cf.unpack_2to4(t[cf.CORE_VALUES], t[cf.CORE_META]))
 
 
@@ -147,7 +160,7 @@ def test_kernel_interface_and_armorlinear(cpu_kernel, ab_dtype):
     layer = torch.nn.Module()
     kernel = Sparse24CpuKernel(LayerSpec(torch.device("cpu"), torch.bfloat16, (64, 32), 96, True))
     kernel.process_weights(layer, shards)
-    assert layer.armor_values_0.dtype == torch.bfloat16 and layer.armor_a_packed_1.dtype == torch.bfloat16
+    assert layer.armor_core_vals_0.dtype == torch.bfloat16 and layer.armor_a_packed_1.dtype == torch.bfloat16
     assert not any(p.shape == (64, 96) for p in layer.parameters()), "a dense core was stored"
     bias = torch.randn(96, generator=gen).to(torch.bfloat16)
     for m in (1, DENSE_MIN_M + 3):
@@ -254,4 +267,4 @@ def test_op_refuses_unpacked_blocks(cpu_kernel):
     x = torch.randn(2, 64, generator=gen).to(torch.bfloat16)
     raw = [t[cf.ARMOR_A].to(torch.bfloat16).contiguous()], [t[cf.ARMOR_B].to(torch.bfloat16).contiguous()]
     with pytest.raises(RuntimeError, match="packed blocks"):
-        torch.ops.vllm_armor.sparse24_cpu_linear(x, [t[cf.CORE_VALUES]], [t[cf.CORE_META]], *raw, None, 1 << 30)
+        torch.ops.vllm_armor.sparse24_cpu_linear(x, *_core([t]), *raw, None, 1 << 30)

@@ -1,17 +1,18 @@
-"""`sparse24_cpu`: the 2:4 core kept compressed in memory (checkpoint values in bf16 + the uint8 keep-mask
-metadata, as stored) and multiplied by a C++ AVX-512 BF16 kernel, custom op ``vllm_armor::sparse24_cpu_linear``
-(`csrc/sparse24_cpu.cpp`, built by `cpu_build.py`); A and B in bf16.
+"""`sparse24_cpu`: the 2:4 core kept compressed in memory and multiplied by a C++ AVX-512 BF16 kernel, custom op
+``vllm_armor::sparse24_cpu_linear`` (`csrc/sparse24_cpu.cpp`, built by `cpu_build.py`); A and B in bf16.
+
+At load the checkpoint's core (values + keep-mask bits, docs/FORMAT.md) is rearranged once by `pack_core`: rows
+in blocks of 32, per group of 4 inputs the 2 kept values of each row and a 4-bit pattern number (which 2 of
+the 4 inputs), as compact as the checkpoint. Per token the kernel tabulates every group's 6 possible input
+pairs; one permute gives 16 rows their pairs and one bf16 dot product adds both kept products: only kept
+weights are multiplied. A and B are held packed too (`pack_blocks`: 16 outputs x an input pair per vector).
 
 Paths inside the op, by the number of tokens M of a call:
 
-* M < `DENSE_MIN_M` (decode, small batches): B, core and A as three parallel passes; the core pass streams
-  the compressed core (1.125 bytes per original weight instead of 2) with masked expand-loads and bf16 dot
-  products, each expanded chunk serving up to 8 tokens from registers.
-* M >= `DENSE_MIN_M` (prefill): the same B and A passes; the core decompressed 2 MiB of rows at a time into a
-  scratch buffer for at::mm (oneDNN); no dense copy of the weight is ever held.
-
-A and B are held packed (`pack_blocks`): 16 outputs x an input pair per vector, the layout the
-block-diagonal passes read with bf16 dot products.
+* M < `DENSE_MIN_M` (decode, small batches): B, core and A as three parallel passes streaming the packed
+  weights, up to 8 tokens per pass over them.
+* M >= `DENSE_MIN_M` (prefill): the same B and A passes; the core decompressed 2 MiB at a time into a scratch
+  buffer for at::mm (oneDNN); no dense copy of the weight is ever held.
 
 Where the kernel cannot be built or the CPU lacks AVX-512 BF16/VBMI2, `supports_device` says why and `auto`
 keeps the dense fold.
@@ -35,8 +36,8 @@ DENSE_MIN_M = 32
 _FAKE_REGISTERED: list[bool] = []
 
 
-def _sparse24_cpu_linear_fake(x, values, metas, a_packed, b_packed, bias, dense_min_m):
-    return x.new_empty((*x.shape[:-1], sum(int(v.shape[0]) for v in values)))
+def _sparse24_cpu_linear_fake(x, core_vals, core_pats, rows, a_packed, b_packed, bias, dense_min_m):
+    return x.new_empty((*x.shape[:-1], sum(rows)))
 
 
 def available() -> tuple[bool, str]:
@@ -70,28 +71,51 @@ class Sparse24CpuKernel(ArmorKernel):
         return available()
 
     def process_weights(self, layer: nn.Module, shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        self.n_shards = len(shards)
+        self.rows = [int(t[fmt.CORE_VALUES].shape[0]) for t in shards]
         for i, tensors in enumerate(shards):
-            register_frozen(layer, f"armor_values_{i}", _bf16(tensors[fmt.CORE_VALUES]))
-            register_frozen(layer, f"armor_meta_{i}", tensors[fmt.CORE_META].contiguous())
+            vals, pats = pack_core(tensors[fmt.CORE_VALUES], tensors[fmt.CORE_META])
+            register_frozen(layer, f"armor_core_vals_{i}", vals)
+            register_frozen(layer, f"armor_core_pats_{i}", pats)
             if self.spec.has_ab:
                 register_frozen(layer, f"armor_a_packed_{i}", pack_blocks(tensors[fmt.ARMOR_A]))
                 register_frozen(layer, f"armor_b_packed_{i}", pack_blocks(tensors[fmt.ARMOR_B]))
 
     def _tensors(self, layer: nn.Module, kind: str) -> list[torch.Tensor]:
-        return [getattr(layer, f"armor_{kind}_{i}") for i in range(self.n_shards)]
+        return [getattr(layer, f"armor_{kind}_{i}") for i in range(len(self.rows))]
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ab = self.spec.has_ab
         return torch.ops.vllm_armor.sparse24_cpu_linear(
-            x, self._tensors(layer, "values"), self._tensors(layer, "meta"),
+            x, self._tensors(layer, "core_vals"), self._tensors(layer, "core_pats"), self.rows,
             self._tensors(layer, "a_packed") if ab else [], self._tensors(layer, "b_packed") if ab else [], bias,
             DENSE_MIN_M)
 
 
-def _bf16(t: torch.Tensor) -> torch.Tensor:
-    """A format tensor (float32 or bf16 in the checkpoint) as the contiguous bf16 the kernel reads."""
-    return t.to(torch.bfloat16).contiguous()
+# Pattern number of each keep-nibble (bit j: input j of the group kept); the kernel's kP0/kP1 list the same order.
+PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+_PATTERN_OF_NIBBLE = torch.zeros(16, dtype=torch.uint8)
+for _k, (_p0, _p1) in enumerate(PATTERNS):
+    _PATTERN_OF_NIBBLE[(1 << _p0) | (1 << _p1)] = _k
+
+
+def pack_core(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's core (values (d_out, d_in/2), keep-mask bytes (d_out, d_in/8)) as the op reads it:
+    rows zero-padded to a multiple of 32; vals (Q, G, 2, 16, 2) bf16 with vals[q, g, h, l, t] the t-th kept value
+    of row 32q + 16h + l in group g (inputs 4g..4g+3); pats (Q, G, 16) uint8 with the pattern number (`PATTERNS`)
+    of row 32q + l in the low nibble and of row 32q + 16 + l in the high one. Same bytes as the checkpoint."""
+    d_out, half = values.shape
+    groups = half // 2
+    nibbles = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(d_out, groups)
+    pattern = _PATTERN_OF_NIBBLE[nibbles.long()]
+    padded = -(-d_out // 32) * 32
+    vals = values.new_zeros(padded, half, dtype=torch.bfloat16)
+    vals[:d_out] = values
+    pats = torch.zeros(padded, groups, dtype=torch.uint8)
+    pats[:d_out] = pattern
+    q = padded // 32
+    vals = vals.reshape(q, 2, 16, groups, 2).permute(0, 3, 1, 2, 4).contiguous()
+    pats = pats.reshape(q, 2, 16, groups).permute(0, 3, 2, 1)
+    return vals, (pats[..., 0] | (pats[..., 1] << 4)).contiguous()
 
 
 def pack_blocks(blocks: torch.Tensor) -> torch.Tensor:
