@@ -5,12 +5,11 @@ kernel (`vllm_armor::sparse24_cpu_linear`), all variants in one run.
     .venv/bin/python bench/cpu_layer_speed.py [--quick]
 
 Shapes (d_out x d_in): SmolLM2-135M (576x576, 192x576, 1536x576, 576x1536) and Llama-2-7B (4096x4096,
-11008x4096, 4096x11008); M (tokens per call) in 1, 2, 4, 8, 16, 64, 512; 1 and 2 threads. Variants: dense;
-the kernel with the core alone on each of its two paths (the streaming small-M path and the tile-decompression
-+ at::mm path, forced); the kernel with A and B at block sizes 16, 32, 64, 128 (the pruner's rule: the largest
-divisor of the dimension that is a multiple of 4 and at most the size) as `apply` runs it (its M threshold).
-Median of a few repeats; effective GB/s = weight bytes read / time (dense: 2 bytes a weight; the kernel:
-packed core values + patterns + A and B packed in bf16). In these per-layer timings the weights stay in cache between
+11008x4096, 4096x11008); M (tokens per call) in 1, 2, 4, 8, 16, 64, 512; 1 and 2 threads. Variants: dense
+(F.linear and vLLM's GEMM); the kernel with the core alone; the kernel with A and B at block sizes 16, 32, 64,
+128 (the pruner's rule: the largest divisor of the dimension that is a multiple of 4 and at most the size).
+Median of a few repeats; effective GB/s = weight bytes read / time (dense: 2 bytes a weight; the kernel: packed
+core values + patterns + A and B packed in bf16). In these per-layer timings the weights stay in cache between
 repeats; the second table is closer to serving: every decoder linear of SmolLM2-135M as vLLM fuses them (q/k/v,
 o, gate/up, down) for all 30 layers one after another (weights far larger than the L3 cache), 1 thread (what
 vLLM's CPU worker has on 2 cores), A and B at the pruner's default block sizes. Writes
@@ -34,7 +33,7 @@ from common import command_line, record
 
 from offline_prune.methods.armor import largest_block_size  # noqa: E402 - after common puts the repo on sys.path
 from vllm_armor import checkpoint_format as cf  # noqa: E402
-from vllm_armor.kernels.sparse24_cpu import DENSE_MIN_M, available, pack_blocks, pack_core  # noqa: E402
+from vllm_armor.kernels.sparse24_cpu import available, pack_blocks, pack_core  # noqa: E402
 
 log = logging.getLogger("bench.cpu_layer_speed")
 SHAPES = {
@@ -49,7 +48,6 @@ SHAPES = {
 MS = (1, 2, 4, 8, 16, 64, 512)
 THREADS = (1, 2)
 BLOCKS = (16, 32, 64, 128)
-NEVER, ALWAYS = 1 << 30, 1
 
 
 def median_s(fn: Callable[[], torch.Tensor], budget_s: float) -> float:
@@ -108,11 +106,10 @@ def layer_variants(x: torch.Tensor, core: dict[str, torch.Tensor], dense_w: torc
     out: dict[str, Variant] = {
         "dense": (lambda: F.linear(x, dense_w), nbytes(dense_w)),
         "vllm_dense": (lambda: gemm(x), nbytes(dense_w)),
-        "core_stream": (lambda: op(x, vals, pats, rows, [], [], None, NEVER), core_bytes),
-        "core_tiles": (lambda: op(x, vals, pats, rows, [], [], None, ALWAYS), core_bytes),
+        "core": (lambda: op(x, vals, pats, rows, [], [], None), core_bytes),
     }
     for bs, (a, b) in ab.items():
-        out[f"ab{bs}"] = ((lambda a=a, b=b: op(x, vals, pats, rows, [a], [b], None, DENSE_MIN_M)),
+        out[f"ab{bs}"] = ((lambda a=a, b=b: op(x, vals, pats, rows, [a], [b], None)),
                           core_bytes + nbytes(a, b))
     return out
 
@@ -178,7 +175,7 @@ def model_sequence(budget_s: float) -> list[dict]:
         runs = {
             "F.linear": lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in dense],
             "vllm_dense": lambda xs=xs: [g(xs[w.shape[1]]) for g, w in zip(gemms, dense, strict=True)],
-            "sparse24_cpu": lambda xs=xs: [op(xs[v[0].shape[1] * 4], v, p, r, a, b, None, DENSE_MIN_M)
+            "sparse24_cpu": lambda xs=xs: [op(xs[v[0].shape[1] * 4], v, p, r, a, b, None)
                                            for v, p, r, a, b in armor],
         }
         row = {"m": m, **{name: median_s(fn, budget_s) * 1e3 for name, fn in runs.items()}}
@@ -189,10 +186,10 @@ def model_sequence(budget_s: float) -> list[dict]:
 
 
 def markdown(rows: list[dict], sequence: list[dict], machine: str, command: str) -> str:
-    names = ["dense", "vllm_dense", "core_stream", "core_tiles"] + [f"ab{bs}" for bs in BLOCKS]
-    head = ("| shape | thr | M | F.linear bf16 | vLLM dense (oneDNN prepacked) | core, stream path | core, tile path "
+    names = ["dense", "vllm_dense", "core"] + [f"ab{bs}" for bs in BLOCKS]
+    head = ("| shape | thr | M | F.linear bf16 | vLLM dense (oneDNN prepacked) | core alone "
             "| A,B 16 | A,B 32 | A,B 64 | A,B 128 | F.linear / A,B 128 | vLLM dense / A,B 128 |\n|"
-            + " --- |" * 13 + "\n")
+            + " --- |" * 12 + "\n")
     body = "".join(
         f"| {r['shape'][0]}x{r['shape'][1]} | {r['threads']} | {r['m']} | "
         + " | ".join(cell(r[n]) for n in names)
@@ -207,9 +204,8 @@ def markdown(rows: list[dict], sequence: list[dict], machine: str, command: str)
                      f"{r['vllm_dense_over_kernel']:.2f}x |\n" for r in sequence))
     return (f"\n## CPU layer speed: dense bf16 vs the CPU 2:4 kernel ({dt.date.today()})\n\n"
             f"Machine: {machine}. Command: `{command}`. Each cell: median microseconds "
-            f"(effective GB/s of weight bytes). A,B columns: block sizes by the pruner's rule, M >= {DENSE_MIN_M} "
-            "on the tile path as `apply` routes it. vLLM dense: the GEMM vLLM's CPU backend runs for a dense model "
-            "and for the fold (`onednn_mm`, weight prepacked).\n\n"
+            "(effective GB/s of weight bytes). A,B columns: block sizes by the pruner's rule. vLLM dense: the GEMM "
+            "vLLM's CPU backend runs for a dense model and for the fold (`onednn_mm`, weight prepacked).\n\n"
             f"Target 7B shapes, M=1, A,B 128 >= 1.5x dense: {target}.\n\n" + head + body + seq)
 
 
@@ -233,7 +229,7 @@ def main() -> None:
                f"torch {torch.__version__}")
     command = command_line("cpu_layer_speed.py")
     record("cpu_layer_speed", {"date": str(dt.datetime.now(dt.timezone.utc)), "machine": machine, "command": command,
-                               "dense_min_m": DENSE_MIN_M, "rows": rows, "sequence": sequence},
+                               "rows": rows, "sequence": sequence},
            markdown(rows, sequence, machine, command))
 
 

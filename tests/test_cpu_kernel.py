@@ -21,12 +21,12 @@ from vllm_armor.kernels import LayerSpec, choose_kernel, cpu_build
 from vllm_armor.kernels.dense import DenseFoldKernel
 from vllm_armor.kernels.factored import FactoredKernel
 from vllm_armor.kernels.sparse24_cpu import (
-    DENSE_MIN_M,
     Sparse24CpuKernel,
     available,
     pack_blocks,
     pack_core,
     packed_numel,
+    unpack_core,
 )
 from vllm_armor.torch_module import ArmorLinear
 
@@ -69,12 +69,12 @@ def _core(shards):
     return [v for v, _ in packed], [p for _, p in packed], [int(t[cf.CORE_VALUES].shape[0]) for t in shards]
 
 
-def _op(x, shards, bias, dense_min_m):
+def _op(x, shards, bias):
     ab = cf.ARMOR_A in shards[0]
     bf = [lambda t, s=s: pack_blocks(t[s]) for s in (cf.ARMOR_A, cf.ARMOR_B)]
     return torch.ops.vllm_armor.sparse24_cpu_linear(
         x, *_core(shards), [bf[0](t) for t in shards] if ab else [], [bf[1](t) for t in shards] if ab else [],
-        bias, dense_min_m)
+        bias)
 
 
 def _assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -107,37 +107,41 @@ def test_op_matches_reference_small_m(cpu_kernel, case, m, bias):
     shards = [_linear(d, d_in, bo, bi, gen) for d in outs]
     x = torch.randn(m, d_in, generator=gen).to(torch.bfloat16)
     b = torch.randn(sum(outs), generator=gen).to(torch.bfloat16) if bias else None
-    _assert_close(_op(x, shards, b, 1 << 30), _reference(x, shards, b))
+    _assert_close(_op(x, shards, b), _reference(x, shards, b))
 
 
 @pytest.mark.parametrize("case", CASES[3:7], ids=lambda c: f"{c[0]}x{c[1]}-b{c[2]}-{c[3]}")
-@pytest.mark.parametrize("m", [1, 7, 40])
-def test_op_large_m_path_matches_reference(cpu_kernel, case, m):
-    """The tile-decompression path (forced here with dense_min_m=1) computes the same layer."""
+@pytest.mark.parametrize("m", [40, 64, 130])
+def test_op_large_m_matches_reference(cpu_kernel, case, m):
+    """Prefill-sized calls, across the kernel's 64-token chunks, compute the same layer."""
     outs, d_in, bo, bi = case
     gen = torch.Generator().manual_seed(m)
     shards = [_linear(d, d_in, bo, bi, gen) for d in outs]
     x = torch.randn(m, d_in, generator=gen).to(torch.bfloat16)
     b = torch.randn(sum(outs), generator=gen).to(torch.bfloat16)
-    _assert_close(_op(x, shards, b, 1), _reference(x, shards, b))
+    _assert_close(_op(x, shards, b), _reference(x, shards, b))
 
 
 def test_op_keeps_leading_dims_and_handles_empty_batch(cpu_kernel):
     gen = torch.Generator().manual_seed(5)
     shards = [_linear(32, 64, 16, 16, gen)]
     x = torch.randn(2, 3, 64, generator=gen).to(torch.bfloat16)
-    y = _op(x, shards, None, 1 << 30)
+    y = _op(x, shards, None)
     assert y.shape == (2, 3, 32)
     _assert_close(y.reshape(6, 32), _reference(x.reshape(6, 64), shards, None))
-    assert _op(x[:0], shards, None, 1 << 30).shape == (0, 3, 32)
+    assert _op(x[:0], shards, None).shape == (0, 3, 32)
 
 
-def test_decompress_is_the_format_unpack(cpu_kernel):
-    gen = torch.Generator().manual_seed(9)
-    t = _linear(33, 88, None, None, gen)
-    vals, pats, rows = _core([t])
-    dense = torch.ops.vllm_armor.sparse24_cpu_decompress(vals[0], pats[0], rows[0])
-    assert torch.equal(dense, cf.unpack_2to4(t[cf.CORE_VALUES], t[cf.CORE_META]))
+@pytest.mark.parametrize("d_out", [32, 33, 96])
+def test_pack_core_is_the_format_core(d_out):
+    """pack_core keeps every kept value and its position (unpack_core gives the format's dense core back) and
+    holds as many bytes as the checkpoint's values and metadata (rows padded to 32)."""
+    gen = torch.Generator().manual_seed(d_out)
+    t = _linear(d_out, 88, None, None, gen)
+    vals, pats = pack_core(t[cf.CORE_VALUES], t[cf.CORE_META])
+    assert torch.equal(unpack_core(vals, pats, d_out), cf.unpack_2to4(t[cf.CORE_VALUES], t[cf.CORE_META]))
+    padded = -(-d_out // 32) * 32
+    assert vals.numel() * 2 + pats.numel() == padded * (88 // 2 * 2 + 88 // 8)
 
 
 def test_a_wrong_metadata_changes_the_result(cpu_kernel):
@@ -147,7 +151,7 @@ def test_a_wrong_metadata_changes_the_result(cpu_kernel):
     x = torch.randn(1, 64, generator=gen).to(torch.bfloat16)
     wrong = dict(t, **{cf.CORE_META: ((t[cf.CORE_META] << 1) & 0xEE) | ((t[cf.CORE_META] >> 3) & 0x11)})
     assert torch.equal(cf.unpack_mask(wrong[cf.CORE_META]).sum(), cf.unpack_mask(t[cf.CORE_META]).sum())
-    err = (_op(x, [wrong], None, 1 << 30).float() - _reference(x, [t], None)).abs().max()
+    err = (_op(x, [wrong], None).float() - _reference(x, [t], None)).abs().max()
     assert err > 0.1
 
 
@@ -163,7 +167,7 @@ def test_kernel_interface_and_armorlinear(cpu_kernel, ab_dtype):
     assert layer.armor_core_vals_0.dtype == torch.bfloat16 and layer.armor_a_packed_1.dtype == torch.bfloat16
     assert not any(p.shape == (64, 96) for p in layer.parameters()), "a dense core was stored"
     bias = torch.randn(96, generator=gen).to(torch.bfloat16)
-    for m in (1, DENSE_MIN_M + 3):
+    for m in (1, 67):
         x = torch.randn(m, 96, generator=gen).to(torch.bfloat16)
         _assert_close(kernel.apply(layer, x, bias), _reference(x, shards, bias))
     single = shards[0]
@@ -180,7 +184,7 @@ def test_op_under_torch_compile(cpu_kernel):
     bias = torch.randn(48, generator=gen).to(torch.bfloat16)
 
     def f(x):
-        return _op(x, shards, bias, 1 << 30) * 2
+        return _op(x, shards, bias) * 2
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
     for m in (3, 1, 6):  # fake tensors trace the op's shape function; dynamic M
@@ -244,7 +248,7 @@ def test_tiny_model_shards_through_the_kernel(cpu_kernel):
     shards = [af.armorize_linear(torch.randn(d, 384, generator=gen).to(torch.bfloat16), 64, gen)
               for d in (384, 192, 192)]
     x = torch.randn(3, 384, generator=gen).to(torch.bfloat16)
-    _assert_close(_op(x, shards, None, 1 << 30), _reference(x, shards, None))
+    _assert_close(_op(x, shards, None), _reference(x, shards, None))
 
 
 @pytest.mark.parametrize("bs", [1, 2, 8, 9, 16, 24, 33])
@@ -267,4 +271,4 @@ def test_op_refuses_unpacked_blocks(cpu_kernel):
     x = torch.randn(2, 64, generator=gen).to(torch.bfloat16)
     raw = [t[cf.ARMOR_A].to(torch.bfloat16).contiguous()], [t[cf.ARMOR_B].to(torch.bfloat16).contiguous()]
     with pytest.raises(RuntimeError, match="packed blocks"):
-        torch.ops.vllm_armor.sparse24_cpu_linear(x, *_core([t]), *raw, None, 1 << 30)
+        torch.ops.vllm_armor.sparse24_cpu_linear(x, *_core([t]), *raw, None)

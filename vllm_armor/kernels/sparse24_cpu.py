@@ -7,12 +7,9 @@ the 4 inputs), as compact as the checkpoint. Per token the kernel tabulates ever
 pairs; one permute gives 16 rows their pairs and one bf16 dot product adds both kept products: only kept
 weights are multiplied. A and B are held packed too (`pack_blocks`: 16 outputs x an input pair per vector).
 
-Paths inside the op, by the number of tokens M of a call:
-
-* M < `DENSE_MIN_M` (decode, small batches): B, core and A as three parallel passes streaming the packed
-  weights, up to 8 tokens per pass over them.
-* M >= `DENSE_MIN_M` (prefill): the same B and A passes; the core decompressed 2 MiB at a time into a scratch
-  buffer for at::mm (oneDNN); no dense copy of the weight is ever held.
+Every call, decode or prefill, runs B, core and A as three parallel passes over the packed weights, up to 8
+tokens per pass over them; no dense copy of the weight is ever held. (A prefill path that decompressed tiles
+of the core for oneDNN was slower than this one at every M measured up to 512; docs/BENCHMARKS.md.)
 
 Where the kernel cannot be built or the CPU lacks AVX-512 BF16/VBMI2, `supports_device` says why and `auto`
 keeps the dense fold.
@@ -29,14 +26,10 @@ from vllm_armor import checkpoint_format as fmt
 from vllm_armor.kernels import cpu_build
 from vllm_armor.kernels.base import ArmorKernel, LayerSpec, register_frozen
 
-# Calls with at least this many tokens take the tile-decompression + oneDNN path (bench/cpu_layer_speed.py).
-DENSE_MIN_M = 32
-
-
 _FAKE_REGISTERED: list[bool] = []
 
 
-def _sparse24_cpu_linear_fake(x, core_vals, core_pats, rows, a_packed, b_packed, bias, dense_min_m):
+def _sparse24_cpu_linear_fake(x, core_vals, core_pats, rows, a_packed, b_packed, bias):
     return x.new_empty((*x.shape[:-1], sum(rows)))
 
 
@@ -87,8 +80,7 @@ class Sparse24CpuKernel(ArmorKernel):
         ab = self.spec.has_ab
         return torch.ops.vllm_armor.sparse24_cpu_linear(
             x, self._tensors(layer, "core_vals"), self._tensors(layer, "core_pats"), self.rows,
-            self._tensors(layer, "a_packed") if ab else [], self._tensors(layer, "b_packed") if ab else [], bias,
-            DENSE_MIN_M)
+            self._tensors(layer, "a_packed") if ab else [], self._tensors(layer, "b_packed") if ab else [], bias)
 
 
 # Pattern number of each keep-nibble (bit j: input j of the group kept); the kernel's kP0/kP1 list the same order.
@@ -116,6 +108,19 @@ def pack_core(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, t
     vals = vals.reshape(q, 2, 16, groups, 2).permute(0, 3, 1, 2, 4).contiguous()
     pats = pats.reshape(q, 2, 16, groups).permute(0, 3, 2, 1)
     return vals, (pats[..., 0] | (pats[..., 1] << 4)).contiguous()
+
+
+def unpack_core(vals: torch.Tensor, pats: torch.Tensor, rows: int) -> torch.Tensor:
+    """The dense (rows, d_in) core of `pack_core`'s output (for checks; the kernel never expands it)."""
+    q, groups = pats.shape[:2]
+    low, high = (pats & 15).long(), (pats >> 4).long()
+    pattern = torch.stack([low, high], dim=2).permute(0, 2, 3, 1).reshape(q * 32, groups)  # (row, group)
+    values = vals.permute(0, 2, 3, 1, 4).reshape(q * 32, groups, 2)
+    dense = values.new_zeros(q * 32, groups, 4)
+    first = torch.tensor([p for p, _ in PATTERNS])[pattern]
+    second = torch.tensor([p for _, p in PATTERNS])[pattern]
+    dense.scatter_(2, first.unsqueeze(-1), values[..., :1]).scatter_(2, second.unsqueeze(-1), values[..., 1:])
+    return dense.reshape(q * 32, groups * 4)[:rows]
 
 
 def pack_blocks(blocks: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@
 //
 // A and B arrive packed the same way (16 outputs x an input pair per vector; see bd_block).
 //
-// Small M (decode): B, core and A are three passes split over the threads vLLM's CPU worker sets
-// (at::parallel_for), fp32 accumulation, bf16 between passes (as the factored reference).
-// Large M (prefill, M >= dense_min_m): the same B and A passes; the core decompressed a bounded tile of rows at a
-// time into a scratch buffer (input-major) and multiplied by at::mm (oneDNN/MKL); no dense copy is kept.
+// Every M (decode and prefill) takes the same three passes, B, core and A, split over the threads vLLM's CPU
+// worker sets (at::parallel_for), fp32 accumulation, bf16 between passes (as the factored reference); tokens go
+// through the core in chunks of kTokenChunk (their pair tables stay in cache). Measured against the GEMM vLLM
+// runs for a dense model (oneDNN, prepacked weight) this path was as fast or faster up to M = 512 than
+// decompressing the core into tiles for oneDNN, so there is no separate prefill path.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -42,14 +43,30 @@ constexpr int kP0[6] = {0, 0, 0, 1, 1, 2};
 constexpr int kP1[6] = {1, 2, 3, 2, 3, 3};
 
 // tab[m][g][k] (8 dwords, 6 used) = x[m, 4g + p0_k] | x[m, 4g + p1_k] << 16: the input pair of pattern k.
+// 32 inputs (8 groups) at a time: four vpermw, each writing the tables of two groups.
+struct PairIndex {
+  __m512i idx[4];
+  PairIndex() {
+    alignas(64) uint16_t w[4][32];
+    for (int i = 0; i < 4; ++i)
+      for (int lane = 0; lane < 32; ++lane) {
+        const int group = 2 * i + lane / 16, k = (lane % 16) / 2, t = lane % 2;
+        w[i][lane] = k < 6 ? static_cast<uint16_t>(4 * group + (t ? kP1[k] : kP0[k])) : 0;
+      }
+    for (int i = 0; i < 4; ++i) idx[i] = _mm512_load_si512(w[i]);
+  }
+};
+
 void pair_tables(const bf16* x, int64_t ldx, int64_t M, int64_t G, uint32_t* tab) {
+  static const PairIndex pi;
   for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* u = reinterpret_cast<const uint16_t*>(x + m * ldx);
+    const bf16* xm = x + m * ldx;
     uint32_t* t = tab + m * G * 8;
-    for (int64_t g = 0; g < G; ++g) {
-      const uint32_t in[4] = {u[4 * g], u[4 * g + 1], u[4 * g + 2], u[4 * g + 3]};
-      for (int k = 0; k < 6; ++k) t[g * 8 + k] = in[kP0[k]] | in[kP1[k]] << 16;
-      t[g * 8 + 6] = t[g * 8 + 7] = 0;
+    for (int64_t g = 0; g < G; g += 8) {  // G is even (d_in is a multiple of 8)
+      const int64_t left = std::min<int64_t>(8, G - g);
+      const __m512i chunk = _mm512_maskz_loadu_epi16(left == 8 ? 0xFFFFFFFFu : (1u << (4 * left)) - 1u, xm + 4 * g);
+      for (int i = 0; 2 * i < left; ++i)
+        _mm512_storeu_si512(t + (g + 2 * i) * 8, _mm512_permutexvar_epi16(pi.idx[i], chunk));
     }
   }
 }
@@ -204,60 +221,37 @@ void bd_pass(const std::vector<Job>& jobs, int64_t M) {
   });
 }
 
-// A core pass: the pair tables of every distinct input, then parallel over the 32-row blocks of all jobs.
+constexpr int64_t kTokenChunk = 64;  // tokens whose pair tables are built and used together
+
+// A core pass: per chunk of tokens, the pair tables of every distinct input, then parallel over the 32-row
+// blocks of all jobs.
 void core_pass(const std::vector<Job>& jobs, int64_t M) {
-  std::vector<std::vector<uint32_t>> tabs(jobs.size());
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    size_t same = 0;
-    while (same < i && jobs[same].x != jobs[i].x) ++same;
-    if (same < i) continue;  // shards without B share one input
-    tabs[i].resize(static_cast<size_t>(M * (jobs[i].d_in / 4) * 8));
-    pair_tables(jobs[i].x, jobs[i].ldx, M, jobs[i].d_in / 4, tabs[i].data());
-  }
-  std::vector<const uint32_t*> tab(jobs.size());
+  std::vector<size_t> first(jobs.size());  // the job whose input (and tables) job i shares
   std::vector<int64_t> starts(jobs.size() + 1, 0);
   for (size_t i = 0; i < jobs.size(); ++i) {
-    size_t same = 0;
-    while (jobs[same].x != jobs[i].x) ++same;
-    tab[i] = tabs[same].data();
+    first[i] = 0;
+    while (jobs[first[i]].x != jobs[i].x) ++first[i];
     starts[i + 1] = starts[i] + (jobs[i].rows + 31) / 32;
   }
-  at::parallel_for(0, starts.back(), 1, [&](int64_t begin, int64_t end) {
+  std::vector<std::vector<uint32_t>> tabs(jobs.size());
+  for (int64_t m0 = 0; m0 < M; m0 += kTokenChunk) {
+    const int64_t mc = std::min(kTokenChunk, M - m0);
     for (size_t i = 0; i < jobs.size(); ++i) {
-      const int64_t lo = std::max(begin, starts[i]), hi = std::min(end, starts[i + 1]);
-      if (lo >= hi) continue;
-      const Job& j = jobs[i];
-      core_rows(j.w, j.pats, j.d_in / 4, tab[i], M, lo - starts[i], hi - starts[i], j.rows, j.sink);
+      if (first[i] != i) continue;
+      const int64_t G = jobs[i].d_in / 4;
+      tabs[i].resize(static_cast<size_t>(kTokenChunk * G * 8));
+      pair_tables(jobs[i].x + m0 * jobs[i].ldx, jobs[i].ldx, mc, G, tabs[i].data());
     }
-  });
-}
-
-// Row blocks [q0, q1) of a packed core decompressed input-major: out[k * ld + (r - 32 q0)] = core[r, k]. For 16
-// rows and one group, input j of row l is the first kept value where p0 == j, the second where p1 == j, else 0.
-void decompress_t(const bf16* vals, const uint8_t* pats, int64_t d_in, int64_t q0, int64_t q1, bf16* out,
-                  int64_t ld) {
-  const int64_t G = d_in / 4;
-  const __m512i p0_of = _mm512_setr_epi32(0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i p1_of = _mm512_setr_epi32(1, 2, 3, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i low = _mm512_set1_epi32(0xFFFF);
-  for (int64_t q = q0; q < q1; ++q)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t qg = q * G + g;
-      const __m512i id = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pats + qg * 16)));
-      for (int h = 0; h < 2; ++h) {
-        const __m512i pat = _mm512_and_si512(h ? _mm512_srli_epi32(id, 4) : id, _mm512_set1_epi32(15));
-        const __m512i p0 = _mm512_permutexvar_epi32(pat, p0_of), p1 = _mm512_permutexvar_epi32(pat, p1_of);
-        const __m512i w = _mm512_loadu_si512(vals + qg * 64 + h * 32);
-        const __m512i v0 = _mm512_and_si512(w, low), v1 = _mm512_srli_epi32(w, 16);
-        for (int j = 0; j < 4; ++j) {
-          const __m512i jj = _mm512_set1_epi32(j);
-          const __m512i o = _mm512_or_si512(_mm512_maskz_mov_epi32(_mm512_cmpeq_epi32_mask(p0, jj), v0),
-                                            _mm512_maskz_mov_epi32(_mm512_cmpeq_epi32_mask(p1, jj), v1));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (4 * g + j) * ld + (q - q0) * 32 + h * 16),
-                              _mm512_cvtepi32_epi16(o));
-        }
+    at::parallel_for(0, starts.back(), 1, [&](int64_t begin, int64_t end) {
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        const int64_t lo = std::max(begin, starts[i]), hi = std::min(end, starts[i + 1]);
+        if (lo >= hi) continue;
+        const Job& j = jobs[i];
+        const Sink s{j.sink.y + m0 * j.sink.ld, j.sink.ld, j.sink.col0, j.sink.bias};
+        core_rows(j.w, j.pats, j.d_in / 4, tabs[first[i]].data(), mc, lo - starts[i], hi - starts[i], j.rows, s);
       }
-    }
+    });
+  }
 }
 
 // A or B of a shard: packed blocks (n, ceil(bs/16), ceil(bs/2), 16, 2) bf16 tiling `dim` (bs = dim / n).
@@ -334,7 +328,7 @@ void apply_a(const std::vector<at::Tensor>& mid, at::TensorList a_t, const bf16*
   bd_pass(jobs, y.size(0));
 }
 
-void small_m(const at::Tensor& x, at::TensorList vals, at::TensorList pats, at::IntArrayRef rows,
+void passes(const at::Tensor& x, at::TensorList vals, at::TensorList pats, at::IntArrayRef rows,
              at::TensorList a_t, at::TensorList b_t, const bf16* bias, at::Tensor& y) {
   const int64_t M = x.size(0), d_in = x.size(1), ld = y.size(1);
   const size_t S = vals.size();
@@ -357,84 +351,27 @@ void small_m(const at::Tensor& x, at::TensorList vals, at::TensorList pats, at::
   if (ab) apply_a(mid, a_t, bias, y);
 }
 
-at::Tensor& scratch(int64_t numel) {
-  thread_local at::Tensor buf;
-  if (!buf.defined() || buf.numel() < numel) buf = at::empty({numel}, at::TensorOptions().dtype(at::kBFloat16));
-  return buf;
-}
-
-constexpr int64_t kTileBytes = int64_t{2} << 20;  // dense scratch tile of the large-M path
-
-void large_m(const at::Tensor& x, at::TensorList vals, at::TensorList pats, at::IntArrayRef rows,
-             at::TensorList a_t, at::TensorList b_t, const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int64_t M = x.size(0), d_in = x.size(1);
-  const int64_t tile_rows = std::max<int64_t>(32, (kTileBytes / (2 * d_in)) / 32 * 32);
-  const bool ab = !a_t.empty();
-  const std::vector<at::Tensor> xb = ab ? apply_b(x, b_t) : std::vector<at::Tensor>{};
-  std::vector<at::Tensor> mid;
-  int64_t col = 0;
-  for (size_t i = 0; i < vals.size(); ++i) {
-    const at::Tensor& xin = ab ? xb[i] : x;
-    at::Tensor core_out = ab ? at::empty({M, rows[i]}, x.options()) : y.narrow(1, col, rows[i]);
-    const bf16* v = vals[i].data_ptr<bf16>();
-    const uint8_t* p = pats[i].data_ptr<uint8_t>();
-    for (int64_t r0 = 0; r0 < rows[i]; r0 += tile_rows) {
-      const int64_t n = std::min(tile_rows, (rows[i] - r0 + 31) / 32 * 32), valid = std::min(n, rows[i] - r0);
-      at::Tensor tile = scratch(tile_rows * d_in).narrow(0, 0, n * d_in).view({d_in, n});
-      bf16* dst = tile.data_ptr<bf16>();
-      at::parallel_for(0, n / 32, 1, [&](int64_t lo, int64_t hi) {  // each thread its own 32-row columns
-        decompress_t(v, p, d_in, r0 / 32 + lo, r0 / 32 + hi, dst + lo * 32, n);
-      });
-      core_out.narrow(1, r0, valid).copy_(at::mm(xin, tile.narrow(1, 0, valid)));
-    }
-    if (ab) mid.push_back(core_out);
-    col += rows[i];
-  }
-  if (ab)
-    apply_a(mid, a_t, bias ? bias->data_ptr<bf16>() : nullptr, y);
-  else if (bias)
-    y.add_(*bias);
-}
-
 at::Tensor sparse24_cpu_linear(const at::Tensor& x, at::TensorList vals, at::TensorList pats, at::IntArrayRef rows,
-                               at::TensorList a, at::TensorList b, const std::optional<at::Tensor>& bias,
-                               int64_t dense_min_m) {
+                               at::TensorList a, at::TensorList b, const std::optional<at::Tensor>& bias) {
   check_inputs(x, vals, pats, rows, a, b, bias);
   const int64_t d_in = x.size(-1);
   at::Tensor x2 = x.reshape({-1, d_in}).contiguous();
   int64_t total = 0;
   for (const int64_t r : rows) total += r;
   at::Tensor y = at::empty({x2.size(0), total}, x.options());
-  if (x2.size(0) > 0) {
-    if (x2.size(0) >= dense_min_m)
-      large_m(x2, vals, pats, rows, a, b, bias, y);
-    else
-      small_m(x2, vals, pats, rows, a, b, bias ? bias->data_ptr<bf16>() : nullptr, y);
-  }
+  if (x2.size(0) > 0) passes(x2, vals, pats, rows, a, b, bias ? bias->data_ptr<bf16>() : nullptr, y);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = total;
   return y.view(shape);
-}
-
-at::Tensor sparse24_cpu_decompress(const at::Tensor& vals, const at::Tensor& pats, int64_t rows) {
-  TORCH_CHECK(vals.dim() == 5, "sparse24_cpu_decompress: values packed by pack_core");
-  const int64_t d_in = vals.size(1) * 4, Q = vals.size(0);
-  check_core(vals, pats, rows, d_in);
-  at::Tensor t = at::empty({d_in, Q * 32}, vals.options());
-  bf16* dst = t.data_ptr<bf16>();
-  decompress_t(vals.data_ptr<bf16>(), pats.data_ptr<uint8_t>(), d_in, 0, Q, dst, Q * 32);
-  return t.narrow(1, 0, rows).t().contiguous();
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vllm_armor, m) {
   m.def("sparse24_cpu_linear(Tensor x, Tensor[] core_vals, Tensor[] core_pats, int[] rows, Tensor[] a_packed, "
-        "Tensor[] b_packed, Tensor? bias, int dense_min_m) -> Tensor");
-  m.def("sparse24_cpu_decompress(Tensor core_vals, Tensor core_pats, int rows) -> Tensor");
+        "Tensor[] b_packed, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vllm_armor, CPU, m) {
   m.impl("sparse24_cpu_linear", &sparse24_cpu_linear);
-  m.impl("sparse24_cpu_decompress", &sparse24_cpu_decompress);
 }
