@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--factored", action="store_true", help="also VLLM_ARMOR_KERNEL=factored")
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: vLLM's compilation)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="start every server this many times, in forward then reverse order; medians reported")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dense_dir = args.dense_dir or fold_checkpoint(args.armor_dir, Path(f"{args.armor_dir}-folded"))
@@ -126,34 +128,38 @@ def main() -> None:
     armor = ["--quantization", "armor", *common]
     prompts = long_prompts(args.armor_dir)
     compressed, folded = weight_bytes(args.armor_dir, True), weight_bytes(args.armor_dir, False)
-    rows = [
-        ("ARMOR, default kernel (auto: sparse24_cpu)", dict(measure(args.armor_dir, armor, args.tokens, prompts),
-                                                            weight_bytes=compressed)),
-        ("ARMOR, VLLM_ARMOR_KERNEL=dense (fold)", dict(measure(args.armor_dir, armor, args.tokens, prompts,
-                                                               {"VLLM_ARMOR_KERNEL": "dense"}), weight_bytes=folded)),
-        (f"dense ({dense_dir.name})", dict(measure(dense_dir, common, args.tokens, prompts),
-                                           weight_bytes=weight_bytes(dense_dir, False))),
+    variants = [
+        ("ARMOR, default kernel (auto: sparse24_cpu)", args.armor_dir, armor, {}, compressed),
+        ("ARMOR, VLLM_ARMOR_KERNEL=dense (fold)", args.armor_dir, armor, {"VLLM_ARMOR_KERNEL": "dense"}, folded),
+        (f"dense ({dense_dir.name})", dense_dir, common, {}, weight_bytes(dense_dir, False)),
     ]
     if args.factored:
-        rows.append(("ARMOR, VLLM_ARMOR_KERNEL=factored",
-                     dict(measure(args.armor_dir, armor, args.tokens, prompts, {"VLLM_ARMOR_KERNEL": "factored"}),
-                          weight_bytes=compressed)))
+        variants.append(("ARMOR, VLLM_ARMOR_KERNEL=factored", args.armor_dir, armor,
+                         {"VLLM_ARMOR_KERNEL": "factored"}, compressed))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in variants}
+    for r in range(args.rounds):  # forward, then backward, ...: drift of the machine cancels out
+        for name, folder, server_args, env, _ in (variants if r % 2 == 0 else variants[::-1]):
+            runs[name].append(measure(folder, server_args, args.tokens, prompts, env))
+    rows = [(name, dict({k: statistics.median(run[k] for run in runs[name]) for k in runs[name][0]},
+                        weight_bytes=held, rounds=runs[name])) for name, _, _, _, held in variants]
     dense = rows[2][1]
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
     command = command_line("serve_speed.py")
     out = [
         f"\n## Serving speed, ARMOR vs dense ({dt.date.today().isoformat()})\n",
         f"Machine: {machine}. Command: `{command}`. vLLM CPU backend, {mode}, {args.tokens} output tokens "
-        "per request (greedy, ignore_eos), one run, servers one after another. TTFT: time to the first token of a "
+        f"per request (greedy, ignore_eos), servers one after another, {args.rounds} round(s) (forward, then reverse "
+        "order), medians. TTFT: time to the first token of a "
         f"{TTFT_PROMPT_TOKENS}-token prompt (median of 3). Weights: bytes the server holds for the weights.\n",
         "| model | start-up s | tok/s, 1 request | tok/s, 8 concurrent | x dense (1 / 8) | TTFT s | x dense TTFT "
-        "| weights MB | x dense weights |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| weights MB | x dense weights | each round, tok/s 1 / 8 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     out += [f"| {name} | {r['startup_s']:.1f} | {r['tok_s_1']:.1f} | {r['tok_s_8']:.1f} | "
             f"{r['tok_s_1'] / dense['tok_s_1']:.2f} / {r['tok_s_8'] / dense['tok_s_8']:.2f} | {r['ttft_s']:.3f} | "
             f"{r['ttft_s'] / dense['ttft_s']:.2f} | {r['weight_bytes'] / 1e6:.1f} | "
-            f"{r['weight_bytes'] / dense['weight_bytes']:.2f} |" for name, r in rows]
+            f"{r['weight_bytes'] / dense['weight_bytes']:.2f} | "
+            + ", ".join(f"{x['tok_s_1']:.1f} / {x['tok_s_8']:.1f}" for x in r["rounds"]) + " |" for name, r in rows]
     table = "\n".join(out) + "\n"
     payload = {"command": command, "machine": machine, "mode": mode, "tokens": args.tokens, "rows": dict(rows)}
     record("serve_speed", payload, table)
