@@ -6,9 +6,8 @@ Every kernel is one class (interface in `base.py`) in its own file; `KERNELS` is
 
 * ``sparse24`` (`sparse24.py`): 2:4 core on sparse tensor cores via cuSPARSELt (CUDA sm80+).
 * ``sparse24_cpu`` (`sparse24_cpu.py`): the 2:4 core kept compressed and run by a C++ AVX-512 BF16 kernel
-  (bf16 layers on x86 CPUs with AVX512-BF16 and VBMI2, where the kernel builds; `cpu_build.py`). Holds no
-  dense copy (0.71x the dense model's weight bytes on SmolLM2-135M); faster than vLLM's dense GEMM on
-  memory-bound 7B layers at decode, about even on SmolLM2 at M=1 and slower at larger M (docs/BENCHMARKS.md).
+  that multiplies only the kept weights (bf16 layers on x86 CPUs with AVX512-BF16 and VBMI2, where the kernel
+  builds; `cpu_build.py`). Holds no dense copy; speed against vLLM's dense GEMM in docs/BENCHMARKS.md.
 * ``dense`` (`dense.py`): A·core·B folded to one dense weight at load, plain GEMM. On SmolLM2-135M (CPU,
   eager, 128-token decode) it ran 33.7 tok/s against 32.7 for the dense model; the factored path 14.5.
 * ``factored`` (`factored.py`): A, the 2:4 core and B kept apart (never picked by ``auto``: ``dense`` before
