@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--dense-ppl", type=float, help="or: the dense perplexity already measured elsewhere ...")
     ap.add_argument("--dense-source", default="", help="... and where it was measured (printed in the table)")
     ap.add_argument("--run", action="append", default=[], help="NAME=OUT_DIR:EVAL.json")
-    ap.add_argument("--note", default="")
+    ap.add_argument("--note", default="", help="how the runs were made (machine, lock, threads, ...)")
+    ap.add_argument("--title", default="WikiText-2 gap closed at the default overhead")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gap_table.json")
     ap.add_argument("--docs", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     args = ap.parse_args()
@@ -47,9 +48,9 @@ def main() -> None:
         rows[name] = {"ppl": last_json(Path(eval_path)), "summary": report["summary"], "args": report["args"],
                       "command": report.get("command")}
     others = {k: v["ppl"]["ppl"] for k, v in rows.items() if not k.startswith("armor")}
-    best = min(others, key=others.get)
+    best = min(others, key=others.get) if others else None  # no baseline run: no gap column
     for row in rows.values():
-        row["gap_closed"] = (others[best] - row["ppl"]["ppl"]) / (others[best] - dense["ppl"])
+        row["gap_closed"] = (others[best] - row["ppl"]["ppl"]) / (others[best] - dense["ppl"]) if best else None
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "loadavg": Path("/proc/loadavg").read_text().strip(),
               "command": shlex.join(["python", *sys.argv]), "dense": dense, "best_other": best, "rows": rows}
@@ -58,20 +59,21 @@ def main() -> None:
     first = next(iter(rows.values()))["args"]
     first_eval = next(iter(rows.values()))["ppl"]
     lines = [
-        f"\n## WikiText-2 gap closed at the default overhead, ARMOR fast-gram ({result['date']})\n",
+        f"\n## {args.title} ({result['date']})\n",
         f"Load average at collection {result['loadavg']}; `{result['command']}`. Calibration C4 "
-        f"{first['calib_samples']} x {first['calib_seqlen']} (seed {first['seed']}), every prune alone under "
-        f"/work/cpu.lock, 1 thread; WikiText-2 test, eval ctx {first_eval.get('ctx_len')}, "
-        f"{first_eval.get('windows')} windows. {args.note}\n",
+        f"{first['calib_samples']} x {first['calib_seqlen']} (seed {first['seed']}); WikiText-2 test, eval ctx "
+        f"{first_eval.get('ctx_len')}, {first_eval.get('windows')} windows. {args.note}\n",
         "| model | ppl | weight bytes / dense | A+B params / core values | prune wall s | gap closed vs "
-        f"{best} | command |",
+        f"{best or '(no baseline run)'} | command |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| dense | {dense['ppl']:.2f} | 1.000 | 0 | - | - | {dense.get('source', '')} |",
     ]
     for name, row in rows.items():
         s = row["summary"]
         lines.append(f"| {name} | {row['ppl']['ppl']:.2f} | {s['bytes_ratio']:.3f} | {s['ab_overhead']:.4f} | "
-                     f"{s['wall_seconds']:.0f} | {100 * row['gap_closed']:.1f}% | `{row['command']}` |")
+                     f"{s['wall_seconds']:.0f} | "
+                     + ("-" if row["gap_closed"] is None else f"{100 * row['gap_closed']:.1f}%")
+                     + f" | `{row['command']}` |")
     table = "\n".join(lines) + "\n"
     print(table)
     with args.docs.open("a") as f:
