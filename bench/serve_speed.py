@@ -33,7 +33,7 @@ from common import WIKITEXT, command_line, record
 from tools.fold import fold_checkpoint  # noqa: E402 - after common puts the repo on sys.path
 from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
 from vllm_armor import checkpoint_format as cf  # noqa: E402
-from vllm_armor.kernels.sparse24_cpu import packed_numel  # noqa: E402
+from vllm_armor.kernels.sparse24_cpu import packed_numel, padded_rows  # noqa: E402
 
 log = logging.getLogger("bench.serve_speed")
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -105,7 +105,7 @@ def weight_bytes(folder: Path, compressed: bool) -> int:
         if name in ab:
             return 2 * packed_numel(info.shape[0], info.shape[1])
         if name in core:  # pack_core pads the rows to a multiple of 32
-            return -(-info.shape[0] // 32) * 32 * math.prod(info.shape[1:]) * info.dtype.itemsize
+            return padded_rows(info.shape[0]) * math.prod(info.shape[1:]) * info.dtype.itemsize
         return math.prod(info.shape) * info.dtype.itemsize
 
     return sum(held(n, i) for n, i in infos.items())

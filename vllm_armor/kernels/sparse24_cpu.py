@@ -9,7 +9,8 @@ weights are multiplied. A and B are held packed too (`pack_blocks`: 16 outputs x
 
 Every call, decode or prefill, runs B, core and A as three parallel passes over the packed weights, up to 8
 tokens per pass over them; no dense copy of the weight is ever held. (A prefill path that decompressed tiles
-of the core for oneDNN was slower than this one at every M measured up to 512; docs/BENCHMARKS.md.)
+of the core for oneDNN was slower than this one at every M tried, 16 to 512, on SmolLM2's shapes in a one-off
+comparison while the kernel was written: e.g. 576x576, M=512, core alone, 1 thread: 1931 us vs 1821 us.)
 
 Where the kernel cannot be built or the CPU lacks AVX-512 BF16/VBMI2, `supports_device` says why and `auto`
 keeps the dense fold.
@@ -97,9 +98,9 @@ def pack_core(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, t
     of row 32q + l in the low nibble and of row 32q + 16 + l in the high one. Same bytes as the checkpoint."""
     d_out, half = values.shape
     groups = half // 2
-    nibbles = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(d_out, groups)
-    pattern = _PATTERN_OF_NIBBLE[nibbles.long()]
-    padded = -(-d_out // 32) * 32
+    keep = fmt.unpack_mask(meta).reshape(d_out, groups, fmt.GROUP).long()  # the format's bit layout, one home
+    pattern = _PATTERN_OF_NIBBLE[(keep << torch.arange(fmt.GROUP)).sum(-1)]
+    padded = padded_rows(d_out)
     vals = values.new_zeros(padded, half, dtype=torch.bfloat16)
     vals[:d_out] = values
     pats = torch.zeros(padded, groups, dtype=torch.uint8)
@@ -108,6 +109,11 @@ def pack_core(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, t
     vals = vals.reshape(q, 2, 16, groups, 2).permute(0, 3, 1, 2, 4).contiguous()
     pats = pats.reshape(q, 2, 16, groups).permute(0, 3, 2, 1)
     return vals, (pats[..., 0] | (pats[..., 1] << 4)).contiguous()
+
+
+def padded_rows(d_out: int) -> int:
+    """Rows `pack_core` holds for a core of d_out rows (blocks of 32)."""
+    return -(-d_out // 32) * 32
 
 
 def unpack_core(vals: torch.Tensor, pats: torch.Tensor, rows: int) -> torch.Tensor:
