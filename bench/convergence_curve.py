@@ -11,6 +11,17 @@ with its loss against the last one.
 Part 2 (perplexity): the whole model pruned with ``armor-prune --iters N --plateau-tol 0`` for every N of
 ``--ppl-iters`` (N = 0 is the NoWag-P start) and with the defaults (cap + plateau), each evaluated with
 ``armor-eval ppl`` on WikiText-2 (``--max-windows`` windows of 2048 tokens, all by default), with wall times.
+
+With ``--one-run MAX`` part 2 costs one optimisation instead of one per point: the whole model is pruned once with
+``--iters MAX --plateau-tol 0`` (jobs in ``--workers`` processes), and every matrix's state where each shorter
+rule would have stopped (the caps of ``--ppl-iters``, ``--rule ITERS:WINDOW:TOL`` and, with ``--ppl-default``, the
+defaults) is saved as the finished work of that rule's own ``armor-prune`` command (its OUT/.progress/), which
+then only writes the checkpoint. Fast mode is deterministic, so each is the checkpoint that command would have
+produced (test_armor.py::test_snapshots_are_the_shorter_runs); its time is the summed job seconds up to its stop.
+
+    .venv/bin/python bench/convergence_curve.py --layers --one-run 240 --ppl-iters 30 60 120 240 --ppl-default \
+        --rule 120:10:0.002 --workers 2 --max-windows 40
+
 Writes bench/results/convergence_curve.json and a section of docs/BENCHMARKS.md.
 """
 
@@ -22,8 +33,11 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +45,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import BIN, C4, WIKITEXT, armor_eval_ppl, command_line, record, run  # noqa: E402
-from offline_prune.methods.armor import DEFAULT_ITERS, DEFAULT_PLATEAU, armor_prune, auto_block_sizes  # noqa: E402
+from offline_prune import jobs  # noqa: E402
+from offline_prune.methods.armor import (  # noqa: E402
+    DEFAULT_ITERS,
+    DEFAULT_PLATEAU,
+    Plateau,
+    Snapshot,
+    armor_prune,
+    auto_block_sizes,
+    block_sizes,
+    plateau_of,
+    prune_output,
+)
+from offline_prune.progress import Progress  # noqa: E402
 
 log = logging.getLogger("bench.convergence_curve")
 MARKS = (5, 15, 30, 60, 120, 240)
@@ -52,6 +78,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-windows", type=int, default=None, help="WikiText-2 windows (default: the whole split)")
     ap.add_argument("--work", type=Path, default=Path("out/convergence_curve"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads here and in the subprocesses (0: default)")
+    ap.add_argument("--one-run", type=int, default=None, metavar="MAX",
+                    help="one pruning run of MAX iterations gives every perplexity point (see the docstring)")
+    ap.add_argument("--rule", action="append", default=[], metavar="ITERS:WINDOW:TOL",
+                    help="also a stopping rule: cap ITERS, plateau TOL over WINDOW iterations (with --one-run)")
+    ap.add_argument("--workers", type=int, default=1, help="job processes of the --one-run prune (1 thread each)")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate a finished prune already in WORK instead of pruning again (e.g. one resumed "
                          "across sessions); its time is then the summed job seconds of its report, not a wall time")
@@ -104,25 +135,85 @@ def curve(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def prune_and_eval(args: argparse.Namespace, iters: int | None) -> dict:
-    out = args.work / (f"iters{iters}" if iters is not None else "default")
-    cmd = [str(BIN / "armor-prune"), args.model, str(out), "--calib", f"c4:{C4}", "--calib-samples",
-           str(args.samples), "--calib-seqlen", str(args.seqlen), "--max-overhead", str(args.max_overhead),
-           "--device", "cpu", "--overwrite"]
-    if iters is not None:
-        cmd += ["--iters", str(iters), "--plateau-tol", "0"]
-    reused = args.reuse and (out / "armor_report.json").exists()
+@dataclass(frozen=True)
+class Point:
+    """One perplexity point: a stopping rule, its armor-prune flags and its folder under --work."""
+
+    name: str  # "default", "30" (cap, no plateau) or "120:10:0.002"
+    folder: str
+    flags: tuple[str, ...]
+    rule: Snapshot
+
+    @classmethod
+    def cap(cls, iters: int) -> Point:
+        return cls(str(iters), f"iters{iters}", ("--iters", str(iters), "--plateau-tol", "0"), Snapshot(iters))
+
+    @classmethod
+    def default(cls) -> Point:
+        return cls("default", "default", (), Snapshot(DEFAULT_ITERS["fast"], DEFAULT_PLATEAU))
+
+    @classmethod
+    def parse(cls, text: str) -> Point:
+        iters, window, tol = text.split(":")
+        flags = ("--iters", iters, "--plateau-window", window, "--plateau-tol", tol)
+        return cls(text, f"rule{iters}-{window}-{tol}", flags, Snapshot(int(iters), Plateau(int(window), float(tol))))
+
+
+def prune_argv(args: argparse.Namespace, point: Point) -> list[str]:
+    return [args.model, str(args.work / point.folder), "--calib", f"c4:{C4}", "--calib-samples", str(args.samples),
+            "--calib-seqlen", str(args.seqlen), "--max-overhead", str(args.max_overhead), "--device", "cpu",
+            *point.flags]
+
+
+def snapshot_job(module: str, weight: torch.Tensor, stats, options, rules: list[Snapshot],
+                 folders: list[Path]) -> jobs.JobResult:
+    """One ARMOR job of the --one-run prune; where each rule stops, the state is saved to that rule's progress."""
+    w, h = jobs.job_inputs(weight, stats, options.device)
+    params = options.params
+    bo, bi = block_sizes(*w.shape, params)
+    res = armor_prune(w, h, bo, bi, optimizer=params["optimizer"], iters=params["iters"], plateau=plateau_of(params),
+                      seed=jobs.job_seed(options.seed, module), device=options.device, snapshots=rules)
+    for folder, snap in zip(folders, res.snapshots, strict=True):
+        done = jobs.job_result(module, w, h, options.method, prune_output(snap, params["optimizer"]), snap.seconds)
+        Progress.existing(folder).save(module, done.tensors, done.report)
+    return jobs.job_result(module, w, h, options.method, prune_output(res, params["optimizer"]), res.seconds)
+
+
+def one_run(args: argparse.Namespace, points: list[Point]) -> None:
+    """Prune once at --one-run iterations; leave every shorter point's folder with its finished progress."""
+    from offline_prune.cli import prune_args, prune_parser
+    from offline_prune.executor import PoolExecutor
+    from offline_prune.pipeline import _run_key, prune
+
+    main = Point.cap(args.one_run)
+    todo = [p for p in points if p != main and not (args.work / p.folder / "armor_report.json").exists()]
+    executor = PoolExecutor(args.workers, partial(snapshot_job, rules=[p.rule for p in todo],
+                                                  folders=[args.work / p.folder for p in todo]))
+    for p in todo:  # each folder is an unfinished run of its own command, so that command resumes it
+        Progress(args.work / p.folder, _run_key(prune_args(prune_parser().parse_args(prune_argv(args, p))), executor),
+                 False)
+    argv = prune_argv(args, main)
+    prune(prune_args(prune_parser().parse_args(argv)), executor=executor, command=shlex.join(["armor-prune", *argv]))
+
+
+def prune_and_eval(args: argparse.Namespace, point: Point) -> dict:
+    out = args.work / point.folder
+    cmd = [str(BIN / "armor-prune"), *prune_argv(args, point)]
+    resumed = args.one_run is not None and (out / ".progress").exists()
+    reused = (args.reuse or args.one_run is not None) and (out / "armor_report.json").exists()
     start = time.perf_counter()
-    if not reused:
-        run(cmd)
+    if resumed or not reused:
+        run(cmd if resumed else [*cmd, "--overwrite"])
     wall = time.perf_counter() - start
     report = json.loads((out / "armor_report.json").read_text())
-    if reused:
+    source = "one run" if resumed or (args.one_run is not None and point == Point.cap(args.one_run)) else (
+        "reused" if reused else "ran")
+    if source != "ran":
         wall = report["summary"]["job_seconds"]
     ppl = armor_eval_ppl(out, WIKITEXT, 2048, args.max_windows)
     s = report["summary"]
-    return {"iters": iters, "ppl": ppl["ppl"], "windows": ppl["windows"], "prune_wall_s": round(wall, 1),
-            "reused": reused,
+    return {"iters": point.name, "ppl": ppl["ppl"], "windows": ppl["windows"], "prune_wall_s": round(wall, 1),
+            "source": source,
             "mean_loss": s["mean_loss_final_relative"], "mean_iterations": sum(
                 r["iterations"] for r in report["linears"]) / len(report["linears"]),
             "bytes_ratio": s["bytes_ratio"], "ab_overhead": s["ab_overhead"], "stopped": s["stopped"]}
@@ -148,12 +239,13 @@ def markdown(args: argparse.Namespace, rows: list[dict], ppl_rows: list[dict], m
         windows = ppl_rows[0]["windows"]
         lines += ["", f"Whole model, WikiText-2 perplexity ({windows} windows of 2048 tokens), per iteration cap "
                   "(`--plateau-tol 0`; 0 = the NoWag-P start; `default` = cap "
-                  f"{DEFAULT_ITERS['fast']} with the plateau stop):\n",
+                  f"{DEFAULT_ITERS['fast']} with the plateau stop; ITERS:WINDOW:TOL = cap ITERS with a stop when "
+                  "the loss fell by less than TOL over WINDOW iterations):\n",
                   "| iterations | ppl | mean its | mean rel. loss | prune wall s | weight bytes / dense | "
                   "A+B / core values |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in ppl_rows:
-            name = "default" if r["iters"] is None else str(r["iters"])
-            secs = f"{r['prune_wall_s']:.0f}" + (" (job s, reused)" if r.get("reused") else "")
+            name = str(r["iters"])
+            secs = f"{r['prune_wall_s']:.0f}" + ("" if r["source"] == "ran" else f" (job s, {r['source']})")
             lines.append(f"| {name} | {r['ppl']:.3f} | {r['mean_iterations']:.1f} | {r['mean_loss']:.4f} | "
                          f"{secs} | {r['bytes_ratio']:.3f} | {r['ab_overhead']:.4f} |")
     return "\n".join(lines) + "\n"
@@ -166,9 +258,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     rows = curve(args) if args.layers and args.curve_iters else []
-    ppl_rows = [prune_and_eval(args, n) for n in args.ppl_iters]
+    points = [Point.cap(n) for n in args.ppl_iters] + [Point.parse(r) for r in args.rule]
     if args.ppl_default:
-        ppl_rows.append(prune_and_eval(args, None))
+        points.append(Point.default())
+    if args.one_run is not None:
+        one_run(args, points)
+    ppl_rows = [prune_and_eval(args, p) for p in points]
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
             "command": command_line("convergence_curve.py"), "threads": torch.get_num_threads()}

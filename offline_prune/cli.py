@@ -96,24 +96,31 @@ def _executor(a: argparse.Namespace):
                                   max_retries=a.max_retries))
 
 
-def prune_main(argv: list[str] | None = None) -> int:
+def prune_args(a: argparse.Namespace):
+    """The run's PruneArgs from parsed `armor-prune` arguments (raises UserError on a bad value)."""
     import torch
 
     from offline_prune.budget import parse_duration
     from offline_prune.methods import get_method
-    from offline_prune.pipeline import PruneArgs, prune
+    from offline_prune.pipeline import PruneArgs
+
+    return PruneArgs(
+        model=a.model, out=a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
+        calib_seqlen=a.calib_seqlen, seed=a.seed, skip=a.skip,
+        device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        time_budget=parse_duration(a.time_budget) if a.time_budget is not None else None,
+        options=get_method(a.method).select(vars(a)),  # options of other methods are ignored
+    )
+
+
+def prune_main(argv: list[str] | None = None) -> int:
+    from offline_prune.pipeline import prune
 
     _setup_logging()
     a = prune_parser().parse_args(argv)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def run() -> int:
-        args = PruneArgs(
-            model=a.model, out=a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
-            calib_seqlen=a.calib_seqlen, seed=a.seed, skip=a.skip, device=device,
-            time_budget=parse_duration(a.time_budget) if a.time_budget is not None else None,
-            options=get_method(a.method).select(vars(a)),  # options of other methods are ignored
-        )
+        args = prune_args(a)
         command = shlex.join(["armor-prune", *(sys.argv[1:] if argv is None else argv)])
         prune(args, overwrite=a.overwrite, executor=_executor(a), command=command)
         return 0

@@ -1,6 +1,7 @@
 """Where the per-matrix jobs run: the layer walk submits them, an executor runs them and hands back results.
 
 `LocalExecutor` runs each job in this process when its results are asked for (the single-process pipeline);
+`PoolExecutor` runs them in worker processes of one thread each (bench/convergence_curve.py);
 `offline_prune.distributed.RayExecutor` runs them as Ray tasks. The walk (offline_prune.pipeline) does:
 
     executor.submit(layer_jobs, options)   # after calibrating a layer
@@ -101,3 +102,58 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._queue.clear()
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class PoolExecutor:
+    """Runs the jobs in ``workers`` processes of one torch thread each (spawned), in submission order.
+
+    For a machine whose cores one job's thread pool does not fill (small matrices); ``job`` must be a module-level
+    function (it is sent to the workers by name)."""
+
+    def __init__(self, workers: int, job: JobFn = _call_run_job) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self._job = job
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_one_thread)
+        self._futures: dict = {}  # name -> Future, until yielded
+
+    def submit(self, layer: LayerJobs, options: jobs.JobOptions) -> None:
+        for name, w in layer.weights.items():
+            self._futures[name] = self._pool.submit(self._job, name, w, layer.stats[name],
+                                                    layer.job_options(name, options))
+
+    def poll(self) -> Iterator[Finished]:
+        for name in [n for n, f in self._futures.items() if f.done()]:
+            yield self._finished(name)
+
+    def wait(self, names: Collection[str] | None = None) -> Iterator[Finished]:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+
+        pending = set(self._futures if names is None else names) & set(self._futures)
+        while pending:
+            wait_futures([self._futures[n] for n in pending], return_when=FIRST_COMPLETED)
+            for name in [n for n in pending if self._futures[n].done()]:
+                pending.discard(name)
+                yield self._finished(name)
+
+    def _finished(self, name: str) -> Finished:
+        result = self._futures.pop(name).result()
+        return Finished(name, result.tensors, result.report)
+
+    def job_device(self, device: str) -> str:
+        return device
+
+    def describe(self) -> dict:
+        return {"kind": "process-pool", "workers": self.workers}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._futures.clear()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from offline_prune.methods import get_method
+from offline_prune.methods import PruneOutput, get_method
 from offline_prune.progress import pause_point
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_loss, proxy_scale
 from offline_prune.statistics import InputStats
@@ -64,14 +64,25 @@ def _proxy(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> tuple
 
 def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options: JobOptions) -> JobResult:
     start = time.perf_counter()
-    method = get_method(options.method)
-    w = weight.detach().float()
-    d_out, d_in = w.shape
-    h = clean_h(stats.h) if stats is not None else torch.ones(d_in)
-    w, h = w.to(options.device), h.to(options.device)
-    out = method.prune(w, stats, h, options.params, job_seed(options.seed, module), options.device)
+    w, h = job_inputs(weight, stats, options.device)
+    out = get_method(options.method).prune(w, stats, h, options.params, job_seed(options.seed, module), options.device)
     pause_point("job")
-    report: dict = {"name": module, "shape": [d_out, d_in], "method": options.method, **out.report_extra}
+    return job_result(module, w, h, options.method, out, time.perf_counter() - start)
+
+
+def job_inputs(weight: torch.Tensor, stats: InputStats | None, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight float32, cleaned h) on ``device``; h is all ones for methods without statistics."""
+    w = weight.detach().float()
+    h = clean_h(stats.h) if stats is not None else torch.ones(w.shape[1])
+    return w.to(device), h.to(device)
+
+
+def job_result(module: str, w: torch.Tensor, h: torch.Tensor, method: str, out: PruneOutput,
+               seconds: float) -> JobResult:
+    """Encode, validate and score one method output; ``seconds``: the method's time (scoring is added)."""
+    start = time.perf_counter()
+    d_out, d_in = w.shape
+    report: dict = {"name": module, "shape": [d_out, d_in], "method": method, **out.report_extra}
     tensors = fmt.encode_linear(out.core, out.mask, out.a_blocks, out.b_blocks)
     fmt.validate_linear(module, tensors, expected_shape=(d_out, d_in))  # never save a non-finite result
     dense = fmt.reconstruct_weight(tensors)  # A @ core @ B, float32: only for the loss report
@@ -79,6 +90,6 @@ def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options
     init_rel = init / float(proxy_scale(normalize(w.cpu()).weight, h.cpu()))
     report.update(
         loss_init=init, loss_init_relative=init_rel, loss_final=loss, loss_final_relative=rel,
-        iterations=out.iterations, seconds=round(time.perf_counter() - start, 3),
+        iterations=out.iterations, seconds=round(seconds + time.perf_counter() - start, 3),
     )
     return JobResult(tensors, report)

@@ -71,6 +71,16 @@ class Progress:
         else:
             fmt.atomic_write_text(run_file, json.dumps(run_args, indent=1, sort_keys=True))
 
+    @classmethod
+    def existing(cls, out: Path) -> Progress:
+        """The unfinished run in ``out`` as it stands, without the argument check: for a process that only adds
+        finished work to it (bench/convergence_curve.py's workers)."""
+        progress = cls.__new__(cls)
+        progress.dir = out / PROGRESS_DIR
+        if not (progress.dir / RUN_FILE).is_file():
+            raise UserError(f"{out} is not an unfinished run (no {PROGRESS_DIR}/{RUN_FILE})")
+        return progress
+
     def _file(self, module: str) -> Path:
         return self.dir / f"{module}.safetensors"
 

@@ -9,7 +9,7 @@ import torch
 from armor_fixtures import random_weight
 
 from offline_prune.methods import armor
-from offline_prune.methods.armor import DEFAULT_PLATEAU, Plateau, armor_prune
+from offline_prune.methods.armor import DEFAULT_PLATEAU, Plateau, Snapshot, armor_prune
 from offline_prune.proxy import normalize, nowag_p_mask, proxy_loss, proxy_scale
 from vllm_armor.blockdiag import blockdiag_dense
 from vllm_armor.checkpoint_format import mask_is_2of4
@@ -203,6 +203,25 @@ def test_fast_mode_stops_on_a_plateau() -> None:
     assert capped.stopped == "cap" and capped.iterations == stopped.iterations + 40
     assert capped.history[: len(stopped.history)] == stopped.history  # same path up to the stop
     assert stopped.final_relative <= 1.05 * capped.final_relative
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_snapshots_are_the_shorter_runs(optimizer: str) -> None:
+    """One long run watching shorter rules returns, for each, exactly the result of a run with that rule
+    (bench/convergence_curve.py --one-run rests on this); a rule that never fires gets the final result."""
+    w, h = _matrix(64, 128, seed=13), _h(128)
+    rules = [Snapshot(4), Snapshot(25, Plateau(3, 0.06)), Snapshot(500)]
+    long = armor_prune(w, h, 16, 16, optimizer=optimizer, iters=30, plateau=None, patience=10**6, snapshots=rules)
+    assert [s.iterations for s in long.snapshots][0] == 4 and long.snapshots[2] is long
+    for rule, snap in zip(rules[:2], long.snapshots, strict=False):
+        alone = armor_prune(w, h, 16, 16, optimizer=optimizer, iters=rule.iters, plateau=rule.plateau,
+                            patience=10**6)
+        assert snap.iterations == alone.iterations and snap.stopped == alone.stopped
+        assert snap.history == alone.history
+        for name in ("a_blocks", "b_blocks", "core", "mask"):
+            assert torch.equal(getattr(snap, name), getattr(alone, name)), name
+    if optimizer == "fast":  # paper mode has no plateau rule: its second snapshot is the cap's
+        assert long.snapshots[1].stopped == "plateau" and 4 < long.snapshots[1].iterations < 25
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -127,7 +127,7 @@ def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tm
 def test_method_options_defaults_and_unknown(tmp_path):
     args = PruneArgs(model="m", out=str(tmp_path), method="armor", options={"iters": 5})
     assert args.options == {"block_size": "auto", "max_overhead": 0.125, "ab_dtype": "model", "optimizer": "fast",
-                            "plateau_tol": 0.005, "iters": 5}
+                            "plateau_tol": 0.005, "plateau_window": 5, "iters": 5}
     assert PruneArgs(model="m", out=str(tmp_path), method="magnitude").run_key()["method"] == "magnitude"
     with pytest.raises(UserError, match="'magnitude' has no option 'iters'"):
         PruneArgs(model="m", out=str(tmp_path), method="magnitude", options={"iters": 5})
@@ -244,6 +244,16 @@ def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_pat
     with pytest.raises(UserError, match="--overwrite"):
         prune(tiny_args(tiny_llama, resumed, c4_path, iters=21))
     prune(tiny_args(tiny_llama, resumed, c4_path, method="magnitude"), overwrite=True)
+
+
+def test_pool_executor_gives_the_local_checkpoint(tiny_llama, c4_path, tmp_path):
+    """Jobs in worker processes (bench/convergence_curve.py --workers) write the same bytes as jobs in-process."""
+    from offline_prune.executor import PoolExecutor
+
+    prune(tiny_args(tiny_llama, tmp_path / "local", c4_path, iters=3))
+    report = prune(tiny_args(tiny_llama, tmp_path / "pool", c4_path, iters=3), executor=PoolExecutor(2))
+    assert report["executor"] == {"kind": "process-pool", "workers": 2}
+    assert _files(tmp_path / "pool") == _files(tmp_path / "local")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -63,7 +63,7 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +162,7 @@ class ArmorResult:
     seconds: float
     elapsed: list[float] = field(default_factory=list)  # seconds since start at each history entry
     stopped: str = "cap"  # why the iterations ended: cap, plateau (fast), patience (paper), time_limit
+    snapshots: list[ArmorResult] = field(default_factory=list)  # one per ``snapshots`` rule of armor_prune
 
 
 @dataclass
@@ -492,6 +493,14 @@ class Plateau:
         return before - now < self.tol * before
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A stopping rule watched during a longer run: an iteration cap and, optionally, a plateau."""
+
+    iters: int
+    plateau: Plateau | None = None
+
+
 DEFAULT_ITERS = {"fast": 60, "paper": 20000, "fast-gram": 60}  # iteration caps when --iters is not given
 DEFAULT_PLATEAU = Plateau()
 
@@ -536,12 +545,16 @@ def armor_prune(
     time_limit: float | None = None,
     gram: torch.Tensor | None = None,
     gram_start: str = "sparsegpt",
+    snapshots: Sequence[Snapshot] = (),
 ) -> ArmorResult:
     """Fit A' core B' ~ weight with a 2:4 core; see the module docstring.
 
     Stops at ``iters`` iterations (default: DEFAULT_ITERS of the optimiser); fast mode also on ``plateau``
     (default: DEFAULT_PLATEAU; None: never), paper mode after ``patience`` iterations without improvement (the
-    official code's rule); both before an iteration that would end past ``time_limit`` seconds since the start."""
+    official code's rule); both before an iteration that would end past ``time_limit`` seconds since the start.
+    ``snapshots`` (fast and paper modes): other stopping rules watched along the way; ``result.snapshots[k]`` is
+    the result where rule k would have stopped (the final result if it never fired), so that one long run gives
+    the results of every shorter rule (bench/convergence_curve.py)."""
     _check_inputs(weight, h, block_out, block_in, optimizer)
     dev = torch.device(device) if device is not None else weight.device
     if optimizer in GRAM_OPTIMIZERS:
@@ -584,6 +597,12 @@ def armor_prune(
     plateau = DEFAULT_PLATEAU if plateau == "default" else plateau
     is_fast = optimizer == "fast"
     stopper = _Stopper(iters, plateau if is_fast else None, None if is_fast else patience, time_limit)
+    watched = [_Stopper(rule.iters, rule.plateau if is_fast else None, None, None) for rule in snapshots]
+    taken: dict[int, ArmorResult] = {}
+
+    def result(reason: str) -> ArmorResult:
+        return _result(s, norm, history, elapsed, init * h_mean, loss * h_mean, reason)
+
     with torch.no_grad():
         it = 0
         while it < iters and not (time_limit is not None and elapsed[-1] > time_limit):
@@ -591,22 +610,33 @@ def armor_prune(
             r, loss = step(r, loss)
             history.append(loss / p.scale)
             elapsed.append(time.perf_counter() - start)
+            for k, rule in enumerate(watched):
+                if k not in taken and rule.stop(it, history, elapsed):
+                    taken[k] = result(rule.reason)
             if stopper.stop(it, history, elapsed):
                 break
         if iters == 0 or it == 0:
             stopper.reason = "cap" if iters == 0 else "time_limit"
-    a = s.a * norm.row_scale.view(-1, block_out, 1)
-    b = s.b * norm.col_scale.view(-1, 1, block_in)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - start
+    final = result(stopper.reason)
+    final.snapshots = [taken.get(k, final) for k in range(len(watched))]
     log.debug("armor %s %dx%d: relative loss %.5f -> %.5f in %d iterations, %.2fs",
-              optimizer, d_out, d_in, history[0], history[-1], len(history) - 1, seconds)
+              optimizer, d_out, d_in, history[0], history[-1], final.iterations, final.seconds)
+    return final
+
+
+def _result(s: _State, norm, history: list[float], elapsed: list[float], init_loss: float, final_loss: float,
+            reason: str) -> ArmorResult:
+    """The state as a result (copies), with the normaliser folded into A and B."""
+    bo, bi = s.a.shape[1], s.b.shape[1]
+    a = s.a * norm.row_scale.view(-1, bo, 1)
+    b = s.b * norm.col_scale.view(-1, 1, bi)
     return ArmorResult(
-        a_blocks=a.contiguous(), b_blocks=b.contiguous(), core=s.c.contiguous(), mask=s.mask.contiguous(),
-        history=history, init_loss=init * h_mean, final_loss=loss * h_mean, init_relative=history[0],
-        final_relative=history[-1], iterations=len(history) - 1, seconds=seconds, elapsed=elapsed,
-        stopped=stopper.reason,
+        a_blocks=a.contiguous(), b_blocks=b.contiguous(), core=s.c.clone(), mask=s.mask.clone(),
+        history=list(history), init_loss=init_loss, final_loss=final_loss, init_relative=history[0],
+        final_relative=history[-1], iterations=len(history) - 1, seconds=elapsed[-1], elapsed=list(elapsed),
+        stopped=reason,
     )
 
 
@@ -620,12 +650,22 @@ def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, opti
     gram = stats.gram if options["optimizer"] in GRAM_OPTIMIZERS and stats is not None else None
     res = armor_prune(
         weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
-        time_limit=options.get(TIME_LIMIT), gram=gram,
-        plateau=Plateau(DEFAULT_PLATEAU.window, options["plateau_tol"]) if options["plateau_tol"] > 0 else None,
+        time_limit=options.get(TIME_LIMIT), gram=gram, plateau=plateau_of(options),
     )
-    extra = {"block_out": bs_out, "block_in": bs_in, "optimizer": options["optimizer"],
-             "ab_overhead": round(ab_overhead(d_out, d_in, bs_out, bs_in), 6), "stopped": res.stopped}
-    if gram is not None:  # its own objective, ||(W_hat - W) X^T||^2 / ||W X^T||^2: SparseGPT's, then its result
+    return prune_output(res, options["optimizer"], gram is not None)
+
+
+def plateau_of(options: Mapping[str, Any]) -> Plateau | None:
+    """The plateau rule of the options (plateau_tol 0: none)."""
+    return Plateau(options["plateau_window"], options["plateau_tol"]) if options["plateau_tol"] > 0 else None
+
+
+def prune_output(res: ArmorResult, optimizer: str, used_gram: bool = False) -> PruneOutput:
+    """The registry's PruneOutput of one result, with ARMOR's report fields."""
+    (n_o, bs_out, _), (n_i, bs_in, _) = res.a_blocks.shape, res.b_blocks.shape
+    extra = {"block_out": bs_out, "block_in": bs_in, "optimizer": optimizer,
+             "ab_overhead": round(ab_overhead(n_o * bs_out, n_i * bs_in, bs_out, bs_in), 6), "stopped": res.stopped}
+    if used_gram:  # its own objective, ||(W_hat - W) X^T||^2 / ||W X^T||^2: SparseGPT's, then its result
         extra |= {"layer_loss_sparsegpt_relative": res.init_relative, "layer_loss_final_relative": res.final_relative}
     return PruneOutput(res.core, res.mask, res.a_blocks, res.b_blocks, res.iterations, extra)
 
@@ -650,8 +690,9 @@ METHOD = PruningMethod(
                      "exact block steps on the full X^T X layer objective from SparseGPT's start, sequential)",
                      choices=OPTIMIZERS),
         MethodOption("plateau_tol", DEFAULT_PLATEAU.tol, float,
-                     f"fast mode stops when the relative loss fell by less than this fraction over the last "
-                     f"{DEFAULT_PLATEAU.window} iterations (0: only the cap stops it)"),
+                     "fast mode stops when the relative loss fell by less than this fraction over the last "
+                     "--plateau-window iterations (0: only the cap stops it)"),
+        MethodOption("plateau_window", DEFAULT_PLATEAU.window, int, "iterations the plateau rule looks back"),
         MethodOption("iters", None, int, "ARMOR iteration cap per matrix (default: fast 60, with a plateau stop; "
                      "paper 20000, the paper's setting)"),
     ),
