@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -83,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rule", action="append", default=[], metavar="ITERS:WINDOW:TOL",
                     help="also a stopping rule: cap ITERS, plateau TOL over WINDOW iterations (with --one-run)")
     ap.add_argument("--workers", type=int, default=1, help="job processes of the --one-run prune (1 thread each)")
+    ap.add_argument("--eval-only", nargs="*", default=None, metavar="FOLDER",
+                    help="only evaluate these finished folders of WORK into the cache (to run several at once)")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate a finished prune already in WORK instead of pruning again (e.g. one resumed "
                          "across sessions); its time is then the summed job seconds of its report, not a wall time")
@@ -196,6 +199,20 @@ def one_run(args: argparse.Namespace, points: list[Point]) -> None:
     prune(prune_args(prune_parser().parse_args(argv)), executor=executor, command=shlex.join(["armor-prune", *argv]))
 
 
+def cached_ppl(args: argparse.Namespace, out: Path) -> dict:
+    """`armor-eval ppl` of ``out``, kept in WORK/ppl/ with the hash of the checkpoint's report: a rerun (or an
+    evaluation run by hand with the same command, e.g. several at once) is not measured twice."""
+    cache = args.work / "ppl" / f"{out.name}-w{args.max_windows or 'all'}.json"
+    digest = hashlib.sha256((out / "armor_report.json").read_bytes()).hexdigest()
+    if cache.exists() and json.loads(cache.read_text()).get("report_sha256") == digest:
+        log.info("%s: perplexity from %s", out, cache)
+        return json.loads(cache.read_text())
+    ppl = armor_eval_ppl(out, WIKITEXT, 2048, args.max_windows) | {"report_sha256": digest}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(ppl))
+    return ppl
+
+
 def prune_and_eval(args: argparse.Namespace, point: Point) -> dict:
     out = args.work / point.folder
     cmd = [str(BIN / "armor-prune"), *prune_argv(args, point)]
@@ -210,7 +227,7 @@ def prune_and_eval(args: argparse.Namespace, point: Point) -> dict:
         "reused" if reused else "ran")
     if source != "ran":
         wall = report["summary"]["job_seconds"]
-    ppl = armor_eval_ppl(out, WIKITEXT, 2048, args.max_windows)
+    ppl = cached_ppl(args, out)
     s = report["summary"]
     return {"iters": point.name, "ppl": ppl["ppl"], "windows": ppl["windows"], "prune_wall_s": round(wall, 1),
             "source": source,
@@ -257,6 +274,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.eval_only is not None:
+        for folder in args.eval_only:
+            log.info("%s: %s", folder, cached_ppl(args, args.work / folder))
+        return
     rows = curve(args) if args.layers and args.curve_iters else []
     points = [Point.cap(n) for n in args.ppl_iters] + [Point.parse(r) for r in args.rule]
     if args.ppl_default:
