@@ -200,6 +200,18 @@ def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path):
     assert sum(s["phase_seconds"].values()) <= s["wall_seconds"] + 0.01
 
 
+def test_plateau_rule_stops_every_matrix_of_a_tiny_model(tiny_llama, c4_path, tmp_path):
+    """With a cap out of reach, the plateau rule (--plateau-tol/--plateau-window) ends every matrix's run, and the
+    report says so per matrix and in the summary."""
+    args = tiny_args(tiny_llama, tmp_path / "o", c4_path, "armor", iters=10**4, block_size="auto",
+                     plateau_tol=0.01, plateau_window=3)
+    report = prune(args)
+    s = report["summary"]
+    assert s["stopped"] == {"plateau": s["linears"]}
+    assert all(3 <= r["iterations"] < 10**4 for r in report["linears"]), [r["iterations"] for r in report["linears"]]
+    assert report["args"]["plateau_window"] == 3 and report["args"]["plateau_tol"] == 0.01
+
+
 def test_time_budget_flag_errors(caplog):
     from offline_prune.cli import prune_main
 
