@@ -229,7 +229,8 @@ def prune_and_eval(args: argparse.Namespace, point: Point) -> dict:
         wall = report["summary"]["job_seconds"]
     ppl = cached_ppl(args, out)
     s = report["summary"]
-    return {"iters": point.name, "ppl": ppl["ppl"], "windows": ppl["windows"], "prune_wall_s": round(wall, 1),
+    return {"iters": point.name, "is_default": point.rule == Point.default().rule, "ppl": ppl["ppl"],
+            "windows": ppl["windows"], "prune_wall_s": round(wall, 1),
             "source": source,
             "mean_loss": s["mean_loss_final_relative"], "mean_iterations": sum(
                 r["iterations"] for r in report["linears"]) / len(report["linears"]),
@@ -260,12 +261,31 @@ def markdown(args: argparse.Namespace, rows: list[dict], ppl_rows: list[dict], m
                   "the loss fell by less than TOL over WINDOW iterations):\n",
                   "| iterations | ppl | mean its | mean rel. loss | prune wall s | weight bytes / dense | "
                   "A+B / core values |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        ref = reference_row(ppl_rows)
         for r in ppl_rows:
-            name = str(r["iters"])
+            name = str(r["iters"]) + (" (the default)" if r.get("is_default") else "")
             secs = f"{r['prune_wall_s']:.0f}" + ("" if r["source"] == "ran" else f" (job s, {r['source']})")
-            lines.append(f"| {name} | {r['ppl']:.3f} | {r['mean_iterations']:.1f} | {r['mean_loss']:.4f} | "
+            vs = f" | {r['ppl'] / ref['ppl'] - 1:+.2%}" if ref else ""
+            lines.append(f"| {name} | {r['ppl']:.3f}{vs} | {r['mean_iterations']:.1f} | {r['mean_loss']:.4f} | "
                          f"{secs} | {r['bytes_ratio']:.3f} | {r['ab_overhead']:.4f} |")
+        if ref:
+            lines[lines.index("| iterations | ppl | mean its | mean rel. loss | prune wall s | weight bytes / dense | "
+                              "A+B / core values |")] = (
+                f"| iterations | ppl | vs {ref['iters']} its | mean its | mean rel. loss | prune wall s | "
+                "weight bytes / dense | A+B / core values |")
+            lines[lines.index("| --- | --- | --- | --- | --- | --- | --- |")] = "| --- " * 8 + "|"
+            within = [r for r in ppl_rows if r["ppl"] <= 1.01 * ref["ppl"] and r is not ref]
+            best = min(within, key=lambda r: r["mean_iterations"]) if within else None
+            lines.append("\nWithin 1% of the " + f"{ref['iters']}-iteration perplexity: "
+                         + (", ".join(str(r["iters"]) for r in within) or "none")
+                         + (f"; the cheapest (fewest mean iterations) is {best['iters']}." if best else "."))
     return "\n".join(lines) + "\n"
+
+
+def reference_row(rows: list[dict]) -> dict | None:
+    """The row of the largest plain cap (no plateau): what the other rows are compared with."""
+    caps = [r for r in rows if str(r["iters"]).isdigit()]
+    return max(caps, key=lambda r: int(r["iters"])) if caps else None
 
 
 def main() -> None:

@@ -301,8 +301,10 @@ class _Eta:
 class _Saver:
     """Writes finished jobs to OUT/.progress/; drives the bar (matrices done/total, mean loss, ETA).
 
-    The ETA is the time per matrix so far (calibration included) times the matrices left: decoder layers are
-    alike, so after the first layer it is right to within the layers' spread (docs/BENCHMARKS.md)."""
+    The ETA is the time per matrix so far (calibration included) times the matrices left. With a fixed number of
+    iterations it is right after the first layer to within the layers' spread (2-15% measured); with the plateau
+    rule layer 0 runs more iterations than the others (SmolLM2 at the defaults: 1.5x a typical layer's time), so
+    the first estimate is that much high and falls as layers finish (README, "How long")."""
 
     def __init__(self, progress: Progress, total: int, clock: PhaseClock) -> None:
         self.progress = progress

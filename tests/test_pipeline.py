@@ -127,7 +127,7 @@ def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tm
 def test_method_options_defaults_and_unknown(tmp_path):
     args = PruneArgs(model="m", out=str(tmp_path), method="armor", options={"iters": 5})
     assert args.options == {"block_size": "auto", "max_overhead": 0.125, "ab_dtype": "model", "optimizer": "fast",
-                            "plateau_tol": 0.005, "plateau_window": 5, "iters": 5}
+                            "plateau_tol": 0.002, "plateau_window": 10, "iters": 5}
     assert PruneArgs(model="m", out=str(tmp_path), method="magnitude").run_key()["method"] == "magnitude"
     with pytest.raises(UserError, match="'magnitude' has no option 'iters'"):
         PruneArgs(model="m", out=str(tmp_path), method="magnitude", options={"iters": 5})
