@@ -190,6 +190,11 @@ def one_run(args: argparse.Namespace, points: list[Point]) -> None:
 
     main = Point.cap(args.one_run)
     todo = [p for p in points if p != main and not (args.work / p.folder / "armor_report.json").exists()]
+    if (args.work / main.folder / "armor_report.json").exists():  # finished: its snapshots were taken then
+        if todo:
+            log.warning("%s is finished: %s will be pruned by their own commands", main.folder,
+                        ", ".join(p.folder for p in todo))
+        return
     executor = PoolExecutor(args.workers, partial(snapshot_job, rules=[p.rule for p in todo],
                                                   folders=[args.work / p.folder for p in todo]))
     for p in todo:  # each folder is an unfinished run of its own command, so that command resumes it
