@@ -178,6 +178,7 @@ def snapshot_job(module: str, weight: torch.Tensor, stats, options, rules: list[
                       seed=jobs.job_seed(options.seed, module), device=options.device, snapshots=rules)
     for folder, snap in zip(folders, res.snapshots, strict=True):
         done = jobs.job_result(module, w, h, options.method, prune_output(snap, params["optimizer"]), snap.seconds)
+        done.report["snapshot_of_iters"] = params["iters"]  # the table then says "one run", not "reused"
         Progress.existing(folder).save(module, done.tensors, done.report)
     return jobs.job_result(module, w, h, options.method, prune_output(res, params["optimizer"]), res.seconds)
 
@@ -228,7 +229,8 @@ def prune_and_eval(args: argparse.Namespace, point: Point) -> dict:
         run(cmd if resumed else [*cmd, "--overwrite"])
     wall = time.perf_counter() - start
     report = json.loads((out / "armor_report.json").read_text())
-    source = "one run" if resumed or (args.one_run is not None and point == Point.cap(args.one_run)) else (
+    snapshot = any("snapshot_of_iters" in r for r in report["linears"])
+    source = "one run" if snapshot or (args.one_run is not None and point == Point.cap(args.one_run)) else (
         "reused" if reused else "ran")
     if source != "ran":
         wall = report["summary"]["job_seconds"]
@@ -260,28 +262,24 @@ def markdown(args: argparse.Namespace, rows: list[dict], ppl_rows: list[dict], m
                          + f" | {r['plateau_stop']} | {r['plateau_loss_vs_last']:.4f} |")
     if ppl_rows:
         windows = ppl_rows[0]["windows"]
+        ref = reference_row(ppl_rows)
+        vs_head, vs_rule = (f" vs {ref['iters']} its |", " --- |") if ref else ("", "")
         lines += ["", f"Whole model, WikiText-2 perplexity ({windows} windows of 2048 tokens), per iteration cap "
                   "(`--plateau-tol 0`; 0 = the NoWag-P start; `default` = cap "
                   f"{DEFAULT_ITERS['fast']} with the plateau stop; ITERS:WINDOW:TOL = cap ITERS with a stop when "
                   "the loss fell by less than TOL over WINDOW iterations):\n",
-                  "| iterations | ppl | mean its | mean rel. loss | prune wall s | weight bytes / dense | "
-                  "A+B / core values |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        ref = reference_row(ppl_rows)
+                  f"| iterations | ppl |{vs_head} mean its | mean rel. loss | prune wall s | weight bytes / dense | "
+                  "A+B / core values |", f"| --- | --- |{vs_rule} --- | --- | --- | --- | --- |"]
         for r in ppl_rows:
             name = str(r["iters"]) + (" (the default)" if r.get("is_default") else "")
             secs = f"{r['prune_wall_s']:.0f}" + ("" if r["source"] == "ran" else f" (job s, {r['source']})")
-            vs = f" | {r['ppl'] / ref['ppl'] - 1:+.2%}" if ref else ""
-            lines.append(f"| {name} | {r['ppl']:.3f}{vs} | {r['mean_iterations']:.1f} | {r['mean_loss']:.4f} | "
+            vs = f" {r['ppl'] / ref['ppl'] - 1:+.2%} |" if ref else ""
+            lines.append(f"| {name} | {r['ppl']:.3f} |{vs} {r['mean_iterations']:.1f} | {r['mean_loss']:.4f} | "
                          f"{secs} | {r['bytes_ratio']:.3f} | {r['ab_overhead']:.4f} |")
         if ref:
-            lines[lines.index("| iterations | ppl | mean its | mean rel. loss | prune wall s | weight bytes / dense | "
-                              "A+B / core values |")] = (
-                f"| iterations | ppl | vs {ref['iters']} its | mean its | mean rel. loss | prune wall s | "
-                "weight bytes / dense | A+B / core values |")
-            lines[lines.index("| --- | --- | --- | --- | --- | --- | --- |")] = "| --- " * 8 + "|"
             within = [r for r in ppl_rows if r["ppl"] <= 1.01 * ref["ppl"] and r is not ref]
             best = min(within, key=lambda r: r["mean_iterations"]) if within else None
-            lines.append("\nWithin 1% of the " + f"{ref['iters']}-iteration perplexity: "
+            lines.append(f"\nWithin 1% of the {ref['iters']}-iteration perplexity: "
                          + (", ".join(str(r["iters"]) for r in within) or "none")
                          + (f"; the cheapest (fewest mean iterations) is {best['iters']}." if best else "."))
     return "\n".join(lines) + "\n"
