@@ -222,6 +222,8 @@ def test_snapshots_are_the_shorter_runs(optimizer: str) -> None:
             assert torch.equal(getattr(snap, name), getattr(alone, name)), name
     if optimizer == "fast":  # paper mode has no plateau rule: its second snapshot is the cap's
         assert long.snapshots[1].stopped == "plateau" and 4 < long.snapshots[1].iterations < 25
+    with pytest.raises(ValueError, match="snapshots are not supported"):
+        armor_prune(w, h, 16, 16, optimizer="fast-gram", iters=2, snapshots=rules)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

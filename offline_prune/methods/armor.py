@@ -561,6 +561,8 @@ def armor_prune(
     _check_inputs(weight, h, block_out, block_in, optimizer)
     dev = torch.device(device) if device is not None else weight.device
     if optimizer in GRAM_OPTIMIZERS:
+        if snapshots:
+            raise ValueError(f"snapshots are not supported with optimizer {optimizer!r}")
         from offline_prune.methods._armor_full import armor_prune_gram
 
         return armor_prune_gram(
