@@ -85,6 +85,8 @@ def _connect(options: RayOptions) -> bool:
 class RayExecutor:
     """Submits each matrix as a Ray task; yields results as they finish."""
 
+    runs_beside_walk = True
+
     def __init__(self, options: RayOptions | None = None, job: JobFn = jobs.run_job) -> None:
         self.options = options or RayOptions()
         self._job = job

@@ -50,6 +50,8 @@ class Finished:
 
 
 class Executor(Protocol):
+    runs_beside_walk: bool  # jobs run while the walk calibrates (worker processes, Ray); False: only when asked
+
     def submit(self, layer: LayerJobs, options: jobs.JobOptions) -> None: ...
 
     def poll(self) -> Iterator[Finished]:
@@ -76,6 +78,8 @@ def _call_run_job(module: str, weight: torch.Tensor, stats: InputStats | None,
 
 class LocalExecutor:
     """Runs the jobs one after another in this process, each when the walk asks for results."""
+
+    runs_beside_walk = False
 
     def __init__(self, job: JobFn = _call_run_job) -> None:
         self._job = job
@@ -113,6 +117,8 @@ class PoolExecutor:
 
     For a machine whose cores one job's thread pool does not fill (small matrices); ``job`` must be a module-level
     function (it is sent to the workers by name)."""
+
+    runs_beside_walk = True
 
     def __init__(self, workers: int, job: JobFn = _call_run_job) -> None:
         import multiprocessing

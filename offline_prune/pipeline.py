@@ -10,6 +10,8 @@
    entry (offline_prune.methods); the layers and linears from offline_prune.architectures.
    The per-matrix jobs go to an executor (offline_prune.executor: in this process, or Ray tasks with
    --ray, offline_prune.distributed); every finished matrix is saved to OUT/.progress/ as it arrives (resume).
+   Jobs follow their layer's calibration, except for dense-statistics methods run in this process: all layers
+   are calibrated first and the jobs run in rounds spread over the depth, so the bar's ETA is right early.
 4. Assemble the checkpoint (docs/FORMAT.md) and armor_report.json.
 Peak memory is the model plus one layer's activations for all windows.
 """
@@ -233,32 +235,51 @@ def _run_key(args: PruneArgs, executor: Executor) -> dict:
 def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch: Architecture,
           layers: list[DecoderLayer], progress: Progress, executor: Executor, clock: PhaseClock,
           budget: TimeBudget | None) -> _Eta:
-    """Calibrate layer by layer and hand the jobs to the executor; every result is saved as it arrives.
+    """Calibrate, hand the jobs to the executor and save every result as it arrives; returns the ETA record.
 
-    Methods on statistics of the dense model (ARMOR, NoWag-P, magnitude) let the walk go on while jobs run.
-    Sequential ones (SparseGPT, Wanda) see the pruned earlier layers: the walk waits for a layer's jobs and applies
-    them before going on. Returns the ETA record (what the bar predicted after the first layer).
+    Two orders. Sequential methods (SparseGPT, Wanda: they see the pruned earlier layers), methods on X^T X (one
+    d_in x d_in matrix per input: too big to keep for every layer) and executors that run jobs while the walk
+    calibrates (Ray, worker processes) go layer by layer (``_walk_layers``). Otherwise (ARMOR fast/paper,
+    NoWag-P, magnitude in this process) the walk calibrates every layer first, then runs the jobs in rounds that
+    sample the depth (``depth_rounds``), so the rate measured on the first round predicts the rest: layers differ
+    (on SmolLM2 layer 0 needs 1.5x a typical layer's iterations under the plateau rule).
     """
-    needs_data = windows is not None
     method = args.pruning_method
-    sequential = method.is_sequential(args.options)
-    want_gram = method.wants_gram(args.options)
+    if method.is_sequential(args.options) or method.wants_gram(args.options) or executor.runs_beside_walk:
+        return _walk_layers(args, model, windows, arch, layers, progress, executor, clock, budget)
+    return _walk_rounds(args, model, windows, arch, layers, progress, executor, clock, budget)
+
+
+def _calibrate(layer: DecoderLayer, hidden: list[torch.Tensor], layer_kwargs: dict, want_gram: bool,
+               arch: Architecture) -> tuple[dict, list[torch.Tensor]]:
+    """The input statistics of the layer's linears (full names) and the layer's outputs for every window."""
+    local = {layer.local_names[name]: lin for name, lin in layer.linears.items()}
+    with collect_stats(local, want_gram, arch.shared_inputs) as local_stats:
+        outputs = _run_layer(layer.module, hidden, layer_kwargs)
+    return {name: local_stats[layer.local_names[name]] for name in layer.linears}, outputs
+
+
+def _walk_layers(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch: Architecture,
+                 layers: list[DecoderLayer], progress: Progress, executor: Executor, clock: PhaseClock,
+                 budget: TimeBudget | None) -> _Eta:
+    """Calibrate one layer, submit its jobs, go on (a sequential method first waits for the layer's jobs and runs
+    the pruned layer again for the next layer's inputs). The ETA is taken after the first layer."""
+    needs_data = windows is not None
+    sequential = args.pruning_method.is_sequential(args.options)
+    want_gram = args.pruning_method.wants_gram(args.options)
     if needs_data:
         with clock.phase("calibration"):
             hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
     options = _job_options(args)
     sizes = [{n: lin.weight.numel() for n, lin in layer.linears.items() if not progress.done(n)} for layer in layers]
-    saver = _Saver(progress, sum(len(layer.linears) for layer in layers), clock)
+    saver = _Saver(progress, sum(len(layer.linears) for layer in layers), clock, "layers")
     for i, layer in enumerate(layers):
         linears = layer.linears
         todo = [name for name in linears if not progress.done(name)]
         stats = {}
         if needs_data and (todo or not sequential):
             with clock.phase("calibration"):
-                local = {layer.local_names[name]: lin for name, lin in linears.items()}
-                with collect_stats(local, want_gram, arch.shared_inputs) as local_stats:
-                    outputs = _run_layer(layer.module, hidden, layer_kwargs)
-                stats = {name: local_stats[layer.local_names[name]] for name in linears}
+                stats, outputs = _calibrate(layer, hidden, layer_kwargs, want_gram, arch)
             pause_point("calibration")
         limits = {}
         if budget is not None and todo:
@@ -268,7 +289,7 @@ def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch:
         executor.submit(LayerJobs(i, {n: linears[n].weight for n in todo}, {n: stats.get(n) for n in todo},
                                   limits), options)
         with clock.phase("optimisation"):
-            saver.save_all(executor.wait(todo) if sequential else executor.poll(), i, len(layers))
+            saver.save_all(executor.wait(todo) if sequential else executor.poll(), f"layer {i + 1}/{len(layers)}")
         if needs_data and sequential:
             with clock.phase("calibration"):
                 for name, lin in linears.items():
@@ -276,17 +297,74 @@ def _walk(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch:
                 outputs = _run_layer(layer.module, hidden, layer_kwargs)
         if needs_data:
             hidden = outputs
-        saver.layer_done(i, len(layers))
+        saver.round_done()
     with clock.phase("optimisation"):
-        saver.save_all(executor.wait(), len(layers) - 1, len(layers))
+        saver.save_all(executor.wait(), f"layer {len(layers)}/{len(layers)}")
     saver.close()
     return saver.eta
 
 
+def _walk_rounds(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch: Architecture,
+                 layers: list[DecoderLayer], progress: Progress, executor: Executor, clock: PhaseClock,
+                 budget: TimeBudget | None) -> _Eta:
+    """Calibrate every layer on the dense model (keeping only the small per-input statistics), then run the jobs
+    in ``depth_rounds``. The ETA is taken after the first round, from the optimisation time alone."""
+    stats: dict = {}
+    if windows is not None:
+        with clock.phase("calibration"):
+            hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
+            last = max((i for i, layer in enumerate(layers) if not all(map(progress.done, layer.linears))),
+                       default=-1)
+            for layer in tqdm(layers[:last + 1], desc="calibration", unit="layer"):
+                layer_stats, hidden = _calibrate(layer, hidden, layer_kwargs, False, arch)
+                stats.update(layer_stats)
+                pause_point("calibration")
+        if budget is not None:
+            budget.calibrated_layers = len(layers)
+    weights = {name: lin.weight for layer in layers for name, lin in layer.linears.items()}
+    rounds = [[n for n in names if not progress.done(n)] for names in depth_rounds([list(x.linears) for x in layers])]
+    rounds = [names for names in rounds if names]
+    options = _job_options(args)
+    saver = _Saver(progress, len(weights), clock, "rounds")
+    for r, names in enumerate(rounds):
+        limits = {}
+        if budget is not None:
+            later = sum(weights[n].numel() for later_names in rounds[r + 1:] for n in later_names)
+            limits = budget.layer_limits({n: weights[n].numel() for n in names}, later, 0)
+        executor.submit(LayerJobs(r, {n: weights[n] for n in names}, {n: stats.get(n) for n in names}, limits),
+                        options)
+        with clock.phase("optimisation"):
+            saver.save_all(executor.poll(), f"round {r + 1}/{len(rounds)}")
+        saver.round_done()
+    with clock.phase("optimisation"):
+        saver.save_all(executor.wait(), f"round {len(rounds)}/{len(rounds)}")
+    saver.close()
+    return saver.eta
+
+
+def depth_rounds(layers: list[list[str]]) -> list[list[str]]:
+    """The jobs of ``layers`` (each layer's linears in model order: q, k, v, o, gate, up, down) as rounds that
+    each hold one linear of every kind, the kinds taken from layers spread evenly over the depth.
+
+    Kind t of round r comes from layer (r + t*s + s//2) mod L with s = max(1, L // kinds): for a fixed kind
+    this visits every layer once, so the rounds hold every job exactly once. SmolLM2 (30 layers, 7 kinds, s 4):
+    round 0 = q of layer 2, k of 6, v of 10, o of 14, gate of 18, up of 22, down of 26."""
+    n_layers = len(layers)
+    kinds = max((len(x) for x in layers), default=0)
+    stride = max(1, n_layers // max(kinds, 1))
+    rounds = []
+    for r in range(n_layers):
+        picks = ((r + t * stride + stride // 2) % n_layers for t in range(kinds))
+        rounds.append([layers[i][t] for t, i in enumerate(picks) if t < len(layers[i])])
+    return rounds
+
+
 @dataclass
 class _Eta:
-    """The bar's ETA after the first decoder layer, kept to check it against the time the rest really took."""
+    """The bar's ETA after the first round of jobs (a layer, or a depth round), kept to check it against the time
+    the rest really took."""
 
+    order: str = "layers"
     predicted: float | None = None
     at: float | None = None  # run clock when the prediction was made
 
@@ -294,34 +372,34 @@ class _Eta:
         if self.predicted is None or self.at is None:
             return None
         actual = end - self.at
-        return {"predicted_after_first_layer_s": round(self.predicted, 1), "actual_s": round(actual, 1),
+        return {"order": self.order, "predicted_after_first_round_s": round(self.predicted, 1),
+                "actual_s": round(actual, 1),
                 "error": round((self.predicted - actual) / actual, 3) if actual > 0 else None}
 
 
 class _Saver:
     """Writes finished jobs to OUT/.progress/; drives the bar (matrices done/total, mean loss, ETA).
 
-    The ETA is the time per matrix so far (calibration included) times the matrices left. With a fixed number of
-    iterations it is right after the first layer to within the layers' spread (2-15% measured); with the plateau
-    rule layer 0 runs more iterations than the others (SmolLM2 at the defaults: 1.5x a typical layer's time), so
-    the first estimate is that much high and falls as layers finish (README, "How long")."""
+    The ETA is the time per matrix since the saver started times the matrices left. In layer order the saver
+    starts before calibration, so the rate includes the calibration still to come; in depth rounds it starts after
+    it. After the first round the prediction is kept for the report's ``eta_check``."""
 
-    def __init__(self, progress: Progress, total: int, clock: PhaseClock) -> None:
+    def __init__(self, progress: Progress, total: int, clock: PhaseClock, order: str) -> None:
         self.progress = progress
         self.total = total
         self.clock = clock
         self.saved = sum(1 for _ in progress.dir.glob("*.safetensors"))
         self.start_saved, self.start = self.saved, clock.elapsed()
         self.losses: list[float] = []
-        self.eta = _Eta()
+        self.eta = _Eta(order)
         self.bar = tqdm(total=total, initial=self.saved, desc="matrices", unit="matrix", smoothing=0)
 
-    def save_all(self, finished: Iterable[Finished], layer: int, n_layers: int) -> None:
+    def save_all(self, finished: Iterable[Finished], where: str) -> None:
         for done in finished:
             self.progress.save(done.name, done.tensors, done.report)
             self.saved += 1
             self.losses.append(done.report["loss_final_relative"])
-            self.bar.set_postfix(self.postfix(layer, n_layers), refresh=False)
+            self.bar.set_postfix(self.postfix(where), refresh=False)
             self.bar.update(1)
 
     def predicted_left(self) -> float | None:
@@ -330,14 +408,15 @@ class _Saver:
             return None
         return (self.clock.elapsed() - self.start) / new * (self.total - self.saved)
 
-    def layer_done(self, layer: int, n_layers: int) -> None:
+    def round_done(self) -> None:
         if self.eta.predicted is None and self.saved > self.start_saved and self.saved < self.total:
-            self.eta = _Eta(self.predicted_left(), self.clock.elapsed())
-            log.info("first layer done: ETA %.0f s for the other %d matrices", self.eta.predicted,
+            self.eta = _Eta(self.eta.order, self.predicted_left(), self.clock.elapsed())
+            log.info("first %s done: ETA %.0f s for the other %d matrices",
+                     "layer" if self.eta.order == "layers" else "depth round", self.eta.predicted,
                      self.total - self.saved)
 
-    def postfix(self, layer: int, n_layers: int) -> dict:
-        fig = {"layer": f"{layer + 1}/{n_layers}"}
+    def postfix(self, where: str) -> dict:
+        fig = {"at": where}
         if self.losses:
             fig["rel_loss"] = f"{sum(self.losses) / len(self.losses):.4f}"
         return fig
@@ -431,4 +510,5 @@ def _log_summary(report: dict, out: Path) -> None:
                  s["wall_seconds"], cut, s["linears"])
     if s.get("eta_check"):
         e = s["eta_check"]
-        log.info("ETA after the first layer %.0f s, actual %.0f s", e["predicted_after_first_layer_s"], e["actual_s"])
+        log.info("ETA after the first round (%s) %.0f s, actual %.0f s", e["order"],
+                 e["predicted_after_first_round_s"], e["actual_s"])

@@ -15,7 +15,7 @@ from offline_prune.architectures import LLAMA_STYLE
 from offline_prune.checkpoint import load_model
 from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
-from offline_prune.pipeline import PruneArgs, prune
+from offline_prune.pipeline import PruneArgs, depth_rounds, prune
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.torch_module import ArmorLinear
@@ -259,13 +259,27 @@ def test_kill_and_resume_gives_identical_checkpoint(tiny_llama, c4_path, tmp_pat
 
 
 def test_pool_executor_gives_the_local_checkpoint(tiny_llama, c4_path, tmp_path):
-    """Jobs in worker processes (bench/convergence_curve.py --workers) write the same bytes as jobs in-process."""
+    """Jobs in worker processes (bench/convergence_curve.py --workers; layer order) write the same bytes as jobs
+    in-process (calibration first, then depth rounds)."""
     from offline_prune.executor import PoolExecutor
 
-    prune(tiny_args(tiny_llama, tmp_path / "local", c4_path, iters=3))
+    local = prune(tiny_args(tiny_llama, tmp_path / "local", c4_path, iters=3))
     report = prune(tiny_args(tiny_llama, tmp_path / "pool", c4_path, iters=3), executor=PoolExecutor(2))
     assert report["executor"] == {"kind": "process-pool", "workers": 2}
+    assert local["summary"]["eta_check"]["order"] == "rounds"
     assert _files(tmp_path / "pool") == _files(tmp_path / "local")
+
+
+def test_depth_rounds_hold_every_job_once_spread_over_the_depth():
+    kinds = ["q", "k", "v", "o", "gate", "up", "down"]
+    layers = [[f"{i}.{k}" for k in kinds] for i in range(30)]
+    rounds = depth_rounds(layers)
+    assert sorted(n for r in rounds for n in r) == sorted(n for x in layers for n in x)
+    assert rounds[0] == ["2.q", "6.k", "10.v", "14.o", "18.gate", "22.up", "26.down"]
+    for names in rounds:  # one of every kind, each from another layer
+        assert [n.split(".")[1] for n in names] == kinds and len({n.split(".")[0] for n in names}) == 7
+    few = depth_rounds([["0.q", "0.k", "0.v"], ["1.q", "1.k"]])  # fewer layers than kinds, a layer missing one
+    assert sorted(n for r in few for n in r) == ["0.k", "0.q", "0.v", "1.k", "1.q"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
