@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from common import BIN, C4, RESULTS, WIKITEXT, armor_eval_ppl, command_line, record, run
+from common import BIN, C4, REPO, RESULTS, WIKITEXT, armor_eval_ppl, command_line, record, run
 
 log = logging.getLogger("bench.quality")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag-p")
@@ -221,6 +221,15 @@ def versus_sparsegpt(results: dict) -> list[str]:
             + f". Worse than sparsegpt: {', '.join(worse) or 'none'}."]
 
 
+def _plot_link(plot: Path) -> str:
+    """An image link when the PNG is under docs/ (committed), else its path."""
+    path = plot.resolve()
+    docs = REPO / "docs"
+    if path.is_relative_to(docs):
+        return f"![overhead sweep]({path.relative_to(docs)})"
+    return f"`{path}`"
+
+
 def _loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -255,8 +264,7 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
             lines.append(f"\nHeld-out gap closed by {name} vs best other ({g['best_other']}): "
                          f"**{g['gap_closed']:.1%}**")
     if args.sweep:
-        lines.append(f"\nARMOR overhead sweep: perplexity against weight bytes in `{args.plot.name}` "
-                     "(bench/results/quality/).")
+        lines.append(f"\nARMOR overhead sweep, perplexity against weight bytes: {_plot_link(args.plot)}")
     lines.append("\nMean relative proxy loss of those layers, attention (q, k, v, o) vs MLP (gate, up, down):\n")
     lines.append("| part | " + " | ".join(losses) + " |")
     lines.append("| --- |" + " --- |" * len(losses))
