@@ -12,6 +12,7 @@ Reports written before depth rounds existed name the key `predicted_after_first_
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -36,7 +37,8 @@ def row(folder: Path) -> dict:
 
 def markdown(rows: list[dict], command: str) -> str:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    lines = [f"\n## Progress bar ETA after the first round vs the real rest of the run ({rows and _date()})\n",
+    today = dt.date.today().isoformat()
+    lines = [f"\n## Progress bar ETA after the first round vs the real rest of the run ({today})\n",
              f"Machine: {os.uname().machine}, {os.cpu_count()} cores; load average when tabulated {load} (each run's "
              f"own load is in its notes). Command: `{command}`.\n",
              "| run | job order | ETA after first round s | rest took s | error | wall s "
@@ -50,12 +52,6 @@ def markdown(rows: list[dict], command: str) -> str:
                      f"{r['error']:+.1%} | {r['wall_s']:.0f} | {phases} | {r['mean_iters']:.1f} | {stopped} | "
                      f"`{r['command']}` |")
     return "\n".join(lines) + "\n"
-
-
-def _date() -> str:
-    import datetime as dt
-
-    return dt.date.today().isoformat()
 
 
 def main() -> int:
