@@ -111,3 +111,44 @@ def test_registry_flags_follow_the_optimizer() -> None:
     assert method.wants_gram(gram) and method.is_sequential(gram)
     sgpt = get_method("sparsegpt")
     assert sgpt.wants_gram({}) and sgpt.is_sequential({})
+
+
+def _objective(w_hat, w, x, x_dense, damp):
+    """||W_hat X^T - W X_d^T||^2 + damp ||W_hat - W||^2."""
+    return float((w_hat @ x.T - w @ x_dense.T).square().sum() + damp * (w_hat - w).square().sum())
+
+
+def test_dense_target_is_the_objective_on_pruned_inputs_toward_dense_outputs() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = _matrix(12, 16)
+    x_dense = torch.randn(200, 16, generator=g) * torch.exp(torch.randn(16, generator=g))
+    x = x_dense + 0.3 * torch.randn(200, 16, generator=g)  # the pruned model's inputs drift from the dense ones
+    gram, cross = x.T @ x, x.T @ x_dense
+    target, h_damped = full.dense_target(w, gram, cross)
+    damp = 0.01 * float(gram.diagonal().mean())
+    torch.testing.assert_close(h_damped, gram + damp * torch.eye(16), rtol=1e-5, atol=1e-3)
+    # L(W_hat) - L(W*) = tr((W_hat - W*) H' (W_hat - W*)^T) for any W_hat: W* is its minimiser under H'
+    best = _objective(target, w, x, x_dense, damp)
+    for seed in range(3):
+        w_hat = target + 0.1 * torch.randn(12, 16, generator=torch.Generator().manual_seed(seed))
+        e = w_hat - target
+        want = float(((e @ h_damped) * e).sum())
+        assert _objective(w_hat, w, x, x_dense, damp) - best == pytest.approx(want, rel=1e-3)
+    # with no drift (layer 0: the same inputs in both models) the target is W itself
+    same, _ = full.dense_target(w, x_dense.T @ x_dense, x_dense.T @ x_dense)
+    torch.testing.assert_close(same, w, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_target_needs_the_paired_statistics_and_sets_the_walk_flags() -> None:
+    from offline_prune.statistics import InputStats
+
+    method = get_method("armor")
+    dense = method.resolve({"optimizer": "fast-gram", "gram_target": "dense"})
+    assert method.wants_dense_inputs(dense) and method.is_sequential(dense)
+    assert not method.wants_dense_inputs(method.resolve({"optimizer": "fast-gram"}))
+    assert not method.wants_dense_inputs(method.resolve({"gram_target": "dense"}))  # only fast-gram uses it
+    w = _matrix(64, 64)
+    stats = InputStats(64, True)
+    stats.add(torch.randn(100, 64))
+    with pytest.raises(ValueError, match="X\\^T X_dense"):
+        method.prune(w, stats, stats.h, dense, 0, "cpu")
