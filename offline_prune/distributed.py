@@ -64,7 +64,6 @@ def _cpu_stats(stats: InputStats) -> InputStats:
     out = copy.copy(stats)
     out.h = stats.h.cpu()
     out.gram = stats.gram.cpu() if stats.gram is not None else None
-    out.cross = stats.cross.cpu() if stats.cross is not None else None
     return out
 
 

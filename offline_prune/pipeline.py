@@ -5,9 +5,7 @@
 3. For each decoder layer: hook its target linears and run the layer over all windows, which gives the
    statistics (h, and X^T X for SparseGPT) and the layer's outputs = the next layer's inputs. ARMOR and
    NoWag-P use statistics of the dense model; SparseGPT and Wanda see the already-pruned earlier layers
-   (their papers' setting), so for them the layer is pruned and run again to produce its outputs. A method
-   that fits the dense model's outputs from the pruned inputs (ARMOR fast-gram, ``--gram-target dense``) also
-   gets X^T X_dense: the walk carries the dense model's hidden states beside the pruned model's.
+   (their papers' setting), so for them the layer is pruned and run again to produce its outputs.
    What a method needs (calibration, sequential statistics, X^T X) and its options come from its registry
    entry (offline_prune.methods); the layers and linears from offline_prune.architectures.
    The per-matrix jobs go to an executor (offline_prune.executor: in this process, or Ray tasks with
@@ -15,7 +13,7 @@
    Jobs follow their layer's calibration, except for dense-statistics methods run in this process: all layers
    are calibrated first and the jobs run in rounds spread over the depth, so the bar's ETA is right early.
 4. Assemble the checkpoint (docs/FORMAT.md) and armor_report.json.
-Peak memory is the model plus one layer's activations for all windows (twice with the dense stream).
+Peak memory is the model plus one layer's activations for all windows.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ from offline_prune.methods import PruningMethod, get_method
 from offline_prune.model_card import CARD_FILE, model_card
 from offline_prune.models import UserError, resolve_model
 from offline_prune.progress import PROGRESS_DIR, Progress, pause_point
-from offline_prune.statistics import collect_paired_stats, collect_stats
+from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 
 log = logging.getLogger(__name__)
@@ -261,22 +259,6 @@ def _calibrate(layer: DecoderLayer, hidden: list[torch.Tensor], layer_kwargs: di
     return {name: local_stats[layer.local_names[name]] for name in layer.linears}, outputs
 
 
-@torch.no_grad()
-def _calibrate_paired(layer: DecoderLayer, hidden: list[torch.Tensor], dense_hidden: list[torch.Tensor],
-                      layer_kwargs: dict, arch: Architecture) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
-    """Paired statistics (X^T X and X^T X_dense) of the still-dense layer, window by window: first the dense
-    model's stream, then the pruned model's. Returns them with both streams' outputs."""
-    local = {layer.local_names[name]: lin for name, lin in layer.linears.items()}
-    outputs, dense_outputs = [], []
-    with collect_paired_stats(local, arch.shared_inputs) as (local_stats, pairing):
-        for x, x_dense in zip(hidden, dense_hidden, strict=True):
-            pairing.dense = True
-            dense_outputs += _run_layer(layer.module, [x_dense], layer_kwargs)
-            pairing.dense = False
-            outputs += _run_layer(layer.module, [x], layer_kwargs)
-    return {name: local_stats[layer.local_names[name]] for name in layer.linears}, outputs, dense_outputs
-
-
 def _walk_layers(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None, arch: Architecture,
                  layers: list[DecoderLayer], progress: Progress, executor: Executor, clock: PhaseClock,
                  budget: TimeBudget | None) -> _Eta:
@@ -285,11 +267,9 @@ def _walk_layers(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None
     needs_data = windows is not None
     sequential = args.pruning_method.is_sequential(args.options)
     want_gram = args.pruning_method.wants_gram(args.options)
-    paired = needs_data and sequential and args.pruning_method.wants_dense_inputs(args.options)
     if needs_data:
         with clock.phase("calibration"):
             hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
-            dense_hidden = list(hidden) if paired else []
     options = _job_options(args)
     sizes = [{n: lin.weight.numel() for n, lin in layer.linears.items() if not progress.done(n)} for layer in layers]
     saver = _Saver(progress, sum(len(layer.linears) for layer in layers), clock, "layers")
@@ -299,10 +279,7 @@ def _walk_layers(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None
         stats = {}
         if needs_data and (todo or not sequential):
             with clock.phase("calibration"):
-                if paired:
-                    stats, outputs, dense_hidden = _calibrate_paired(layer, hidden, dense_hidden, layer_kwargs, arch)
-                else:
-                    stats, outputs = _calibrate(layer, hidden, layer_kwargs, want_gram, arch)
+                stats, outputs = _calibrate(layer, hidden, layer_kwargs, want_gram, arch)
             pause_point("calibration")
         limits = {}
         if budget is not None and todo:

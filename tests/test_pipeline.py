@@ -16,7 +16,7 @@ from offline_prune.checkpoint import load_model
 from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
 from offline_prune.pipeline import PruneArgs, depth_rounds, prune
-from offline_prune.statistics import collect_paired_stats, collect_stats
+from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.torch_module import ArmorLinear
 
@@ -44,51 +44,6 @@ def test_hooks_h_equals_direct_diag(tiny_llama):
     torch.testing.assert_close(stats["self_attn.q_proj"].gram, x.T @ x, rtol=1e-4, atol=1e-4)
     assert stats["self_attn.k_proj"] is stats["self_attn.q_proj"] is stats["self_attn.v_proj"]
     assert stats["self_attn.q_proj"].tokens == 3 * 17
-
-
-def test_paired_hooks_give_the_cross_term_token_by_token():
-    torch.manual_seed(0)
-    linears = {n: torch.nn.Linear(8, 4) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
-    xs_dense = [torch.randn(5, 8) for _ in range(3)]
-    xs = [x + 0.5 * torch.randn(5, 8) for x in xs_dense]
-    with collect_paired_stats(linears, LLAMA_STYLE.shared_inputs) as (stats, pairing), torch.no_grad():
-        for x, x_dense in zip(xs, xs_dense, strict=True):
-            pairing.dense = True
-            for lin in linears.values():
-                lin(x_dense)
-            pairing.dense = False
-            for lin in linears.values():
-                lin(x)
-    x, x_dense = torch.cat(xs), torch.cat(xs_dense)
-    s = stats["self_attn.v_proj"]
-    assert s is stats["self_attn.q_proj"] and s.tokens == 15
-    torch.testing.assert_close(s.gram, x.T @ x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s.cross, x.T @ x_dense, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s.h, x.square().sum(0), rtol=1e-5, atol=1e-5)
-
-
-def test_armor_fast_gram_dense_target_walk_carries_the_dense_stream(tiny_llama, c4_path, tmp_path, monkeypatch):
-    """--gram-target dense: layer 0 sees the same inputs in both streams (X^T X_dense = X^T X); later layers do
-    not; the result is never worse than its SparseGPT start and reloads as A @ core @ B."""
-    from offline_prune.methods import _armor_full
-
-    original, seen = _armor_full.dense_target, []
-
-    def spy(weight, gram, cross, *a, **kw):
-        seen.append(float((cross - gram).abs().max() / gram.abs().max()))
-        return original(weight, gram, cross, *a, **kw)
-
-    monkeypatch.setattr(_armor_full, "dense_target", spy)
-    out = tmp_path / "out"
-    report = prune(tiny_args(tiny_llama, out, c4_path, "armor", optimizer="fast-gram", gram_target="dense", iters=5))
-    assert len(seen) == 14 and max(seen[:7]) < 1e-5 and min(seen[7:]) > 1e-4
-    assert report["method_options"]["gram_target"] == "dense"
-    assert all(r["layer_loss_final_relative"] <= r["layer_loss_sparsegpt_relative"] for r in report["linears"])
-    ids = torch.randint(0, 1000, (2, 24))
-    with torch.no_grad():
-        got = load_model(out)(ids, use_cache=False).logits
-        want = _dense_twin(tiny_llama, out)(ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _dense_twin(model_dir: Path, out: Path):

@@ -64,8 +64,6 @@ class PruningMethod:
     needs_calibration: bool = True
     sequential: Flag = False  # statistics from the already-pruned earlier layers (SparseGPT, Wanda papers)
     needs_gram: Flag = False  # X^T X besides h
-    # X^T X_dense besides X^T X: the pruned model's inputs paired with the dense model's (sequential methods)
-    needs_dense_inputs: Flag = False
     options: tuple[MethodOption, ...] = ()
     # Iterative methods may be given options[TIME_LIMIT] (seconds for this matrix, or None) by --time-budget.
     iterative: bool = False
@@ -81,11 +79,6 @@ class PruningMethod:
     def wants_gram(self, options: Mapping[str, Any]) -> bool:
         """Whether the walk must collect X^T X for this run."""
         return bool(self.needs_gram(options) if callable(self.needs_gram) else self.needs_gram)
-
-    def wants_dense_inputs(self, options: Mapping[str, Any]) -> bool:
-        """Whether the walk must pair the statistics with the dense model's inputs (X^T X_dense)."""
-        flag = self.needs_dense_inputs
-        return bool(flag(options) if callable(flag) else flag)
 
     def select(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """The entries of ``values`` that are options of this method (the others are ignored)."""

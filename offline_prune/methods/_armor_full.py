@@ -21,17 +21,6 @@ its form:
     (bd: the block-diagonal part), solved by a few CG steps over all blocks of B at once, preconditioned by
     the block-Jacobi operator B_J -> (Z^T Z)_JJ B_J H_JJ (inverted by two small solves).
 Every step is kept only if it lowers L in floating point, so the history never rises; no randomness.
-
-Dense target (``--gram-target dense``, ``dense_target``): X are the inputs in the model whose earlier layers are
-already pruned (SparseGPT's sequential setting), but the layer should still produce the dense model's outputs
-W X_d^T (X_d: the same tokens' inputs in the dense model), which corrects the error the earlier layers left.
-With H = X^T X, C = X^T X_d and a ridge toward W (lambda = 1% of mean diag H, SparseGPT's dampening),
-
-    ||W_hat X^T - W X_d^T||^2 + lambda ||W_hat - W||^2 = tr((W_hat - W*) H' (W_hat - W*)^T) + const,
-    H' = H + lambda I,    W* = (W C^T + lambda W) H'^-1,
-
-so the same optimiser runs on (W*, H'); when X = X_d (layer 0) W* = W. SparseGPT's start is then SparseGPT of
-W*, and the guarantee holds for this objective.
 """
 
 from __future__ import annotations
@@ -91,22 +80,6 @@ def make_problem(weight: torch.Tensor, gram: torch.Tensor, bo: int, bi: int) -> 
     w = weight.float() * d[None, :]
     wh = w @ hm
     return FullProblem(w, hm, wh, float((wh * w).sum()), bo, bi), d
-
-
-def dense_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
-                 percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W*, H') of the dense target (module docstring): fitting W* under H' fits the dense layer's outputs."""
-    h = 0.5 * (gram.float() + gram.float().T)
-    diag = h.diagonal()
-    damp = percdamp * float(diag[diag > 0].mean()) if bool((diag > 0).any()) else 1.0
-    h_damped = h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    w = weight.float()
-    rhs = cross.float() @ w.T + damp * w.T  # H' W*^T = C W^T + lambda W^T
-    factor, info = torch.linalg.cholesky_ex(h_damped)
-    if int(info) != 0:
-        raise ValueError("armor fast-gram --gram-target dense: X^T X + 1% dampening is not positive definite; "
-                         "check the calibration statistics")
-    return torch.cholesky_solve(rhs, factor).T.contiguous(), h_damped
 
 
 def fit_of(p: FullProblem, s: _State) -> Fit:

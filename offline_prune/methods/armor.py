@@ -80,7 +80,6 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("fast", "paper", "fast-gram")
 GRAM_OPTIMIZERS = ("fast-gram",)  # on the full X^T X (offline_prune.methods._armor_full)
-GRAM_TARGETS = ("inputs", "dense")  # fast-gram fits W X^T (pruned inputs) or the dense outputs W X_dense^T
 # The 6 ways to keep 2 of 4.
 PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
@@ -654,12 +653,6 @@ def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, opti
     d_out, d_in = weight.shape
     bs_out, bs_in = block_sizes(d_out, d_in, options)
     gram = stats.gram if options["optimizer"] in GRAM_OPTIMIZERS and stats is not None else None
-    if gram is not None and options["gram_target"] == "dense":
-        from offline_prune.methods._armor_full import dense_target
-
-        if stats.cross is None:
-            raise ValueError("armor fast-gram --gram-target dense: the statistics lack X^T X_dense (paired walk)")
-        weight, gram = dense_target(weight, gram.to(weight.device), stats.cross.to(weight.device))
     res = armor_prune(
         weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
         time_limit=options.get(TIME_LIMIT), gram=gram, plateau=plateau_of(options),
@@ -687,11 +680,6 @@ def _uses_gram(options: Mapping[str, Any]) -> bool:
     return options.get("optimizer") in GRAM_OPTIMIZERS
 
 
-def _uses_dense_inputs(options: Mapping[str, Any]) -> bool:
-    """fast-gram with the dense target also needs X^T X_dense."""
-    return _uses_gram(options) and options.get("gram_target") == "dense"
-
-
 METHOD = PruningMethod(
     name="armor", prune=_prune, order=0,
     options=(
@@ -706,11 +694,6 @@ METHOD = PruningMethod(
                      "ARMOR optimiser (fast: exact block steps on the NoWag proxy; paper: Adam + sampling; fast-gram: "
                      "exact block steps on the full X^T X layer objective from SparseGPT's start, sequential)",
                      choices=OPTIMIZERS),
-        MethodOption("gram_target", "inputs", str,
-                     "fast-gram's target: 'inputs' = the layer's outputs on the pruned model's inputs (SparseGPT's "
-                     "objective); 'dense' = the dense model's outputs, from the pruned inputs (corrects the error "
-                     "of the earlier layers; the walk also carries the dense model's hidden states)",
-                     choices=GRAM_TARGETS),
         MethodOption("plateau_tol", DEFAULT_PLATEAU.tol, float,
                      "fast mode stops when the relative loss fell by less than this fraction over the last "
                      "--plateau-window iterations (0: only the cap stops it)"),
@@ -721,5 +704,4 @@ METHOD = PruningMethod(
     iterative=True,
     sequential=_uses_gram,
     needs_gram=_uses_gram,
-    needs_dense_inputs=_uses_dense_inputs,
 )
