@@ -55,6 +55,7 @@ from offline_prune.methods.armor import (  # noqa: E402
     armor_prune,
     auto_block_sizes,
     block_sizes,
+    chosen_optimizer,
     plateau_of,
     prune_output,
 )
@@ -174,13 +175,14 @@ def snapshot_job(module: str, weight: torch.Tensor, stats, options, rules: list[
     w, h = jobs.job_inputs(weight, stats, options.device)
     params = options.params
     bo, bi = block_sizes(*w.shape, params)
-    res = armor_prune(w, h, bo, bi, optimizer=params["optimizer"], iters=params["iters"], plateau=plateau_of(params),
+    optimizer = chosen_optimizer(params)
+    res = armor_prune(w, h, bo, bi, optimizer=optimizer, iters=params["iters"], plateau=plateau_of(params),
                       seed=jobs.job_seed(options.seed, module), device=options.device, snapshots=rules)
     for folder, snap in zip(folders, res.snapshots, strict=True):
-        done = jobs.job_result(module, w, h, options.method, prune_output(snap, params["optimizer"]), snap.seconds)
+        done = jobs.job_result(module, w, h, options.method, prune_output(snap, optimizer), snap.seconds)
         done.report["snapshot_of_iters"] = params["iters"]  # the table then says "one run", not "reused"
         Progress.existing(folder).save(module, done.tensors, done.report)
-    return jobs.job_result(module, w, h, options.method, prune_output(res, params["optimizer"]), res.seconds)
+    return jobs.job_result(module, w, h, options.method, prune_output(res, optimizer), res.seconds)
 
 
 def one_run(args: argparse.Namespace, points: list[Point]) -> None:

@@ -466,6 +466,7 @@ def _report(args: PruneArgs, source: str, reports: list[dict], clock: PhaseClock
             "phase_seconds": clock.summary(),  # load, calibration, optimisation, write (this invocation)
             "time_budget_s": args.time_budget,
             "stopped": _count(r.get("stopped") for r in reports),  # why iterations ended, per matrix
+            "optimizers": _count(r.get("optimizer") for r in reports),  # ARMOR: the one each matrix ran
             "ab_overhead": size.overhead,  # A+B parameters per kept core value
             "checkpoint_bytes": size.checkpoint_bytes,
             "dense_bytes": size.dense_bytes,  # pruned linears as dense weights in the model dtype
@@ -493,7 +494,8 @@ def _log_summary(report: dict, out: Path) -> None:
     by_kind: dict[str, list[float]] = {}
     for r in report["linears"]:
         by_kind.setdefault(r["name"].rsplit(".", 1)[1], []).append(r["loss_final_relative"])
-    log.info("pruned %d linears of %s with %s in %.1f s -> %s", s["linears"], args["model"], args["method"],
+    used = f" (optimizer {', '.join(s['optimizers'])})" if s.get("optimizers") else ""
+    log.info("pruned %d linears of %s with %s%s in %.1f s -> %s", s["linears"], args["model"], args["method"], used,
              s["wall_seconds"], out)
     log.info("relative proxy loss: NoWag-P %.4f -> %s %.4f (mean over linears)", s["mean_loss_init_relative"],
              args["method"], s["mean_loss_final_relative"])

@@ -111,3 +111,26 @@ def test_registry_flags_follow_the_optimizer() -> None:
     assert method.wants_gram(gram) and method.is_sequential(gram)
     sgpt = get_method("sparsegpt")
     assert sgpt.wants_gram({}) and sgpt.is_sequential({})
+
+
+def test_auto_optimizer_takes_fast_gram_under_a_small_budget_only() -> None:
+    from offline_prune.methods.armor import AUTO_GRAM_BELOW, chosen_optimizer
+
+    method = get_method("armor")
+    default = method.resolve({})
+    assert default["optimizer"] == "auto" and chosen_optimizer(default) == "fast"  # default budget 0.125
+    small = method.resolve({"max_overhead": 0.03})
+    assert chosen_optimizer(small) == "fast-gram" and method.wants_gram(small) and method.is_sequential(small)
+    edge = method.resolve({"max_overhead": AUTO_GRAM_BELOW})
+    assert chosen_optimizer(edge) == "fast" and not method.wants_gram(edge)
+    forced = method.resolve({"max_overhead": 0.03, "block_size": 16})  # a forced block size: the user's choice
+    assert chosen_optimizer(forced) == "fast"
+    for name in ("fast", "paper", "fast-gram"):  # an explicit optimiser is kept whatever the budget
+        assert chosen_optimizer(method.resolve({"optimizer": name, "max_overhead": 0.03})) == name
+    w = _matrix(64, 64)
+    from offline_prune.statistics import InputStats
+
+    stats = InputStats(64, True)
+    stats.add(torch.randn(300, 64) * torch.exp(torch.randn(64)))
+    out = method.prune(w, stats, stats.h, {**method.resolve({"max_overhead": 0.09}), "iters": 3}, 0, "cpu")
+    assert out.report_extra["optimizer"] == "fast-gram" and "layer_loss_final_relative" in out.report_extra

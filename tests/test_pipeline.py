@@ -116,6 +116,7 @@ def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tm
     # layer 0 sees the same inputs in both runs; layer 1 sees the pruned layer 0 only with fast-gram
     assert energies["fast"] & energies["fast-gram"] and energies["fast"] != energies["fast-gram"]
     assert {r["optimizer"] for r in report["linears"]} == {"fast-gram"}
+    assert report["summary"]["optimizers"] == {"fast-gram": 14}
     assert all(r["layer_loss_final_relative"] <= r["layer_loss_sparsegpt_relative"] for r in report["linears"])
     ids = torch.randint(0, 1000, (2, 24))
     with torch.no_grad():
@@ -126,7 +127,7 @@ def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tm
 
 def test_method_options_defaults_and_unknown(tmp_path):
     args = PruneArgs(model="m", out=str(tmp_path), method="armor", options={"iters": 5})
-    assert args.options == {"block_size": "auto", "max_overhead": 0.125, "ab_dtype": "model", "optimizer": "fast",
+    assert args.options == {"block_size": "auto", "max_overhead": 0.125, "ab_dtype": "model", "optimizer": "auto",
                             "plateau_tol": 0.002, "plateau_window": 10, "iters": 5}
     assert PruneArgs(model="m", out=str(tmp_path), method="magnitude").run_key()["method"] == "magnitude"
     with pytest.raises(UserError, match="'magnitude' has no option 'iters'"):

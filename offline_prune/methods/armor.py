@@ -53,8 +53,9 @@ input dtype; every block is handled by batched tensor ops.
 Registry entry (offline_prune.methods): options block_size (``auto``: per matrix the largest block whose A and B
 hold at most max_overhead x the core's kept values, `auto_block_sizes`; N: per dimension
 ``largest_block_size(dim, N)``), max_overhead, ab_dtype (how the checkpoint stores A and B), optimizer and
-iters; the per-matrix seed is offline_prune.jobs.job_seed. With fast-gram the entry asks the walk for X^T X and
-sequential statistics (its ``needs_gram``/``sequential`` are functions of the options).
+iters; the per-matrix seed is offline_prune.jobs.job_seed. ``--optimizer auto`` (the default, ``chosen_optimizer``)
+runs fast-gram under a small A+B budget (below AUTO_GRAM_BELOW) and fast otherwise. With fast-gram the entry asks
+the walk for X^T X and sequential statistics (its ``needs_gram``/``sequential`` are functions of the options).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("fast", "paper", "fast-gram")
 GRAM_OPTIMIZERS = ("fast-gram",)  # on the full X^T X (offline_prune.methods._armor_full)
+# --optimizer auto (the default): fast-gram when --block-size auto gives A and B less than this budget, else fast.
+# Measured on SmolLM2 (docs/BENCHMARKS.md, overhead sweep): at 0.03 fast was worse than SparseGPT 2:4 (1.40x its
+# WikiText-2 perplexity) and fast-gram better (0.79x); at 0.125 fast was the better of the two on the held-out text.
+AUTO_GRAM_BELOW = 0.1
 # The 6 ways to keep 2 of 4.
 PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
@@ -128,6 +133,16 @@ def auto_block_sizes(d_out: int, d_in: int, max_overhead: float) -> tuple[int, i
             return bo, bi
     raise UserError(f"--max-overhead {max_overhead}: even diagonal A and B ({ab_overhead(d_out, d_in, 1, 1):.4f} "
                     f"of the core) exceed it for a {d_out}x{d_in} matrix")
+
+
+def chosen_optimizer(options: Mapping[str, Any]) -> str:
+    """The optimiser a run uses: ``--optimizer`` itself, or for ``auto`` fast-gram under a small A+B budget
+    (``--block-size auto`` with ``--max-overhead`` < AUTO_GRAM_BELOW), where starting from SparseGPT pays, else fast."""
+    optimizer = options.get("optimizer", AUTO)
+    if optimizer != AUTO:
+        return optimizer
+    small = options.get("block_size", AUTO) == AUTO and options.get("max_overhead", 0.125) < AUTO_GRAM_BELOW
+    return "fast-gram" if small else "fast"
 
 
 def block_sizes(d_out: int, d_in: int, options: Mapping[str, Any]) -> tuple[int, int]:
@@ -652,12 +667,13 @@ def _prune(weight: torch.Tensor, stats: InputStats | None, h: torch.Tensor, opti
            device: str) -> PruneOutput:
     d_out, d_in = weight.shape
     bs_out, bs_in = block_sizes(d_out, d_in, options)
-    gram = stats.gram if options["optimizer"] in GRAM_OPTIMIZERS and stats is not None else None
+    optimizer = chosen_optimizer(options)
+    gram = stats.gram if optimizer in GRAM_OPTIMIZERS and stats is not None else None
     res = armor_prune(
-        weight, h, bs_out, bs_in, optimizer=options["optimizer"], iters=options["iters"], seed=seed, device=device,
+        weight, h, bs_out, bs_in, optimizer=optimizer, iters=options["iters"], seed=seed, device=device,
         time_limit=options.get(TIME_LIMIT), gram=gram, plateau=plateau_of(options),
     )
-    return prune_output(res, options["optimizer"], gram is not None)
+    return prune_output(res, optimizer, gram is not None)
 
 
 def plateau_of(options: Mapping[str, Any]) -> Plateau | None:
@@ -677,7 +693,7 @@ def prune_output(res: ArmorResult, optimizer: str, used_gram: bool = False) -> P
 
 def _uses_gram(options: Mapping[str, Any]) -> bool:
     """fast-gram needs X^T X and, like SparseGPT (its start), statistics of the already-pruned earlier layers."""
-    return options.get("optimizer") in GRAM_OPTIMIZERS
+    return chosen_optimizer(options) in GRAM_OPTIMIZERS
 
 
 METHOD = PruningMethod(
@@ -690,16 +706,17 @@ METHOD = PruningMethod(
                      "with --block-size auto: A+B parameters per kept core value, at most (paper: ~0.09-0.12)"),
         MethodOption("ab_dtype", "model", str, "dtype of A and B in the checkpoint: the model's, or float32",
                      choices=AB_DTYPES),
-        MethodOption("optimizer", "fast", str,
+        MethodOption("optimizer", AUTO, str,
                      "ARMOR optimiser (fast: exact block steps on the NoWag proxy; paper: Adam + sampling; fast-gram: "
-                     "exact block steps on the full X^T X layer objective from SparseGPT's start, sequential)",
-                     choices=OPTIMIZERS),
+                     "exact block steps on the full X^T X layer objective from SparseGPT's start, sequential; auto: "
+                     f"fast-gram when --block-size auto and --max-overhead < {AUTO_GRAM_BELOW}, else fast)",
+                     choices=(AUTO, *OPTIMIZERS)),
         MethodOption("plateau_tol", DEFAULT_PLATEAU.tol, float,
                      "fast mode stops when the relative loss fell by less than this fraction over the last "
                      "--plateau-window iterations (0: only the cap stops it)"),
         MethodOption("plateau_window", DEFAULT_PLATEAU.window, int, "iterations the plateau rule looks back"),
-        MethodOption("iters", None, int, "ARMOR iteration cap per matrix (default: fast 120, with a plateau stop; "
-                     "paper 20000, the paper's setting)"),
+        MethodOption("iters", None, int, "ARMOR iteration cap per matrix (default: fast 120 and fast-gram 60, with a "
+                     "plateau stop; paper 20000, the paper's setting)"),
     ),
     iterative=True,
     sequential=_uses_gram,
