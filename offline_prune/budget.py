@@ -6,6 +6,8 @@ will take, shared in proportion to the matrices' sizes (d_out x d_in): layer sha
 job share = layer share x w_job / W_layer, times SAFETY for the work around the optimiser (scoring, saving).
 An iterative method (offline_prune.methods, ``iterative``) stops before an iteration that would end past its
 share; time a job leaves unused goes to the later layers because the shares are recomputed from the clock.
+With block tuning (offline_prune.reconstruct) the jobs see the budget less TUNE_SHARE of it, and each layer's
+tuning then gets an equal share of what is left (less the write), stepping until its share is spent.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from contextlib import contextmanager
 
 from offline_prune.models import UserError
 
-PHASES = ("load", "calibration", "optimisation", "write")
+PHASES = ("load", "calibration", "optimisation", "tuning", "write")
 SAFETY = 0.85  # share of a job's time given to the optimiser loop
 WRITE_BYTES_PER_S = 100e6  # conservative write rate for the final checkpoint (measured ~300 MB/s here)
+TUNE_SHARE = 1 / 3  # of a --time-budget kept for block tuning when it runs
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -57,16 +60,22 @@ class PhaseClock:
 class TimeBudget:
     """Shares ``seconds`` of wall time (counted from the run's start) across the remaining jobs."""
 
-    def __init__(self, seconds: float, clock: PhaseClock, write_bytes: int) -> None:
+    def __init__(self, seconds: float, clock: PhaseClock, write_bytes: int, tune_share: float = 0.0) -> None:
         self.seconds = seconds
         self.clock = clock
         self.write_reserve = 2.0 + write_bytes / WRITE_BYTES_PER_S
+        self.tune_reserve = tune_share * seconds
         self.calibrated_layers = 0
 
     def left(self, layers_to_calibrate: int) -> float:
+        """Seconds the jobs may still use."""
         per_layer = self.clock.seconds["calibration"] / max(self.calibrated_layers, 1)
-        reserve = per_layer * layers_to_calibrate + self.write_reserve
+        reserve = per_layer * layers_to_calibrate + self.write_reserve + self.tune_reserve
         return self.seconds - self.clock.elapsed() - reserve
+
+    def tune_limit(self, layers_left: int) -> float:
+        """Seconds of block tuning for the next layer: an equal share of the time left before the write."""
+        return max(self.seconds - self.clock.elapsed() - self.write_reserve, 0.0) / max(layers_left, 1)
 
     def layer_limits(self, sizes: dict[str, int], later_size: int, layers_to_calibrate: int) -> dict[str, float]:
         """Seconds for each job of this layer (name -> d_out x d_in); ``later_size``: the later layers' total."""

@@ -60,6 +60,11 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", default=None, metavar="DURATION",
                    help="finish the whole run within this time (e.g. 90s, 30m, 2h): iterative methods share it "
                         "across matrices and stop early where it runs out (the report says where)")
+    p.add_argument("--tune-epochs", type=float, default=None, metavar="E",
+                   help="block tuning after the per-matrix jobs: E passes over the calibration windows fitting each "
+                        "decoder layer's output from the pruned model's inputs (A, B and kept values; mask fixed); "
+                        "0 = off (default: 1 for armor, 0 for the baselines)")
+    p.add_argument("--tune-lr", type=float, default=1e-4, help="Adam learning rate of block tuning (default 1e-4)")
     _add_method_options(p)
     p.add_argument("--skip", default=None, help="regex of module names to leave dense")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -109,6 +114,7 @@ def prune_args(a: argparse.Namespace):
         calib_seqlen=a.calib_seqlen, seed=a.seed, skip=a.skip,
         device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         time_budget=parse_duration(a.time_budget) if a.time_budget is not None else None,
+        tune_epochs=a.tune_epochs, tune_lr=a.tune_lr,
         options=get_method(a.method).select(vars(a)),  # options of other methods are ignored
     )
 

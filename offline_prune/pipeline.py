@@ -12,7 +12,11 @@
    --ray, offline_prune.distributed); every finished matrix is saved to OUT/.progress/ as it arrives (resume).
    Jobs follow their layer's calibration, except for dense-statistics methods run in this process: all layers
    are calibrated first and the jobs run in rounds spread over the depth, so the bar's ETA is right early.
-4. Assemble the checkpoint (docs/FORMAT.md) and armor_report.json.
+4. Block tuning (offline_prune.reconstruct; ARMOR's default, --tune-epochs): walk the layers again with two
+   streams, the dense model's and the pruned model's, and tune each layer's pruned linears (A, B, kept values; the
+   mask fixed) so that the layer fed the pruned stream reproduces the dense layer's outputs. Each tuned layer is
+   saved to OUT/.progress/tuned/ (resume).
+5. Assemble the checkpoint (docs/FORMAT.md) and armor_report.json.
 Peak memory is the model plus one layer's activations for all windows.
 """
 
@@ -32,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from offline_prune.architectures import Architecture, DecoderLayer, architecture_of, decoder_layers
-from offline_prune.budget import PhaseClock, TimeBudget
+from offline_prune.budget import TUNE_SHARE, PhaseClock, TimeBudget
 from offline_prune.calibration import load_calibration
 from offline_prune.checkpoint import checkpoint_state, dtype_of_config, write_checkpoint
 from offline_prune.executor import Executor, Finished, LayerJobs, LocalExecutor
@@ -41,6 +45,7 @@ from offline_prune.methods import PruningMethod, get_method
 from offline_prune.model_card import CARD_FILE, model_card
 from offline_prune.models import UserError, resolve_model
 from offline_prune.progress import PROGRESS_DIR, Progress, pause_point
+from offline_prune.reconstruct import FactoredLinear, TuneOptions, forward_all, placed, tune_layer
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 
@@ -60,11 +65,20 @@ class PruneArgs:
     skip: str | None = None
     device: str = "cpu"
     time_budget: float | None = None  # seconds for the whole run (offline_prune.budget), None: no limit
+    tune_epochs: float | None = None  # block tuning passes (offline_prune.reconstruct); None: the method's default
+    tune_lr: float = 1e-4
     # Options of the method (offline_prune.methods): missing ones get the method's defaults, unknown ones are refused.
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "options", get_method(self.method).resolve(self.options))
+        method = get_method(self.method)
+        object.__setattr__(self, "options", method.resolve(self.options))
+        if self.tune_epochs is None:
+            object.__setattr__(self, "tune_epochs", method.tune_epochs if method.needs_calibration else 0.0)
+        if self.tune_epochs < 0 or self.tune_lr <= 0:
+            raise UserError(f"--tune-epochs {self.tune_epochs} / --tune-lr {self.tune_lr}: expected >= 0 and > 0")
+        if self.tune_epochs > 0 and not method.needs_calibration:
+            raise UserError(f"--tune-epochs needs calibration data, which method {self.method!r} does not use")
 
     @property
     def pruning_method(self) -> PruningMethod:
@@ -175,9 +189,7 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
     with clock.phase("load"):
         source, tokenizer, model, out_dtype = _load(args)
         arch = architecture_of(model)
-        layers = decoder_layers(model, arch, skip)
-        for layer in layers:
-            layer.linears = _packable(layer.linears)
+        layers = _target_layers(model, arch, skip)
         if not any(layer.linears for layer in layers):
             raise UserError(f"model {args.model!r} has no supported linear layers to prune (q/k/v/o/gate/up/down)")
         windows = None
@@ -186,13 +198,22 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
                                        args.calib_seqlen, args.seed)
     progress = Progress(out, _run_key(args, executor), overwrite)
     budget = None
-    if args.time_budget is not None and args.pruning_method.iterative:
+    if args.time_budget is not None and (args.pruning_method.iterative or args.tune_epochs > 0):
         write_bytes = sum(p.numel() for p in model.parameters()) * out_dtype.itemsize
-        budget = TimeBudget(args.time_budget, clock, write_bytes)
+        budget = TimeBudget(args.time_budget, clock, write_bytes, TUNE_SHARE if args.tune_epochs > 0 else 0.0)
     eta = _walk(args, model, windows, arch, layers, progress, executor, clock, budget)
+    tuned: dict[str, dict[str, torch.Tensor]] = {}
+    tuning = None
+    if args.tune_epochs > 0 and windows is not None:
+        if args.pruning_method.is_sequential(args.options):  # the walk replaced the dense weights: load them again
+            with clock.phase("load"):
+                model = _load(args)[2]
+                layers = _target_layers(model, arch, skip)
+        tuned, tuning = _tune(args, model, windows, layers, progress, clock, budget, out_dtype)
 
     with clock.phase("write"):
-        report = _write(args, out, source, tokenizer, model, out_dtype, layers, progress, executor, command, clock)
+        report = _write(args, out, source, tokenizer, model, out_dtype, layers, progress, executor, command, clock,
+                        tuned, tuning)
     report["summary"].update(wall_seconds=round(clock.elapsed(), 3), phase_seconds=clock.summary(),
                              eta_check=eta.check(clock.elapsed()))  # the write phase included
     fmt.atomic_write_text(out / REPORT_FILE, _json(report))
@@ -201,24 +222,85 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
     return report
 
 
+def _target_layers(model: nn.Module, arch: Architecture, skip: re.Pattern | None) -> list[DecoderLayer]:
+    layers = decoder_layers(model, arch, skip)
+    for layer in layers:
+        layer.linears = _packable(layer.linears)
+    return layers
+
+
+def _ab_dtype(args: PruneArgs, out_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if args.options.get("ab_dtype") == "float32" else out_dtype
+
+
+def _tune(args: PruneArgs, model: nn.Module, windows: torch.Tensor, layers: list[DecoderLayer], progress: Progress,
+          clock: PhaseClock, budget: TimeBudget | None,
+          out_dtype: torch.dtype) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Block tuning (offline_prune.reconstruct) of every layer in order, from the jobs' results in OUT/.progress;
+    returns the tuned format tensors (name -> suffix -> tensor, checkpoint dtypes) and the report's "tuning"."""
+    options = TuneOptions(args.tune_epochs, args.tune_lr, args.seed)
+    ab_dtype = _ab_dtype(args, out_dtype)
+    dtypes = {fmt.CORE_VALUES: out_dtype, fmt.ARMOR_A: ab_dtype, fmt.ARMOR_B: ab_dtype}
+    tuned: dict[str, dict[str, torch.Tensor]] = {}
+    reports = []
+    with clock.phase("tuning"):
+        hidden, layer_kwargs = _layer0_inputs(model, layers[0].module, windows, args.device)
+        dense = torch.cat(hidden)
+        pruned = dense.clone()
+        bar = tqdm(layers, desc="block tuning", unit="layer")
+        for i, layer in enumerate(bar):
+            targets = forward_all(layer.module, dense, layer_kwargs)
+            factored = {}
+            for name, lin in layer.linears.items():
+                tensors = {s: t.to(dtypes.get(s, t.dtype)) for s, t in progress.load(name)[0].items()}
+                factored[name] = FactoredLinear(tensors, lin.bias, args.device)
+            local = {layer.local_names[name]: f for name, f in factored.items()}
+            with placed(layer.module, local):
+                saved = progress.load_tuned(i)
+                if saved is not None:  # tuned before a kill: only the stream is recomputed
+                    layer_tuned, report = saved
+                    for name, f in factored.items():
+                        f.load(layer_tuned[name])
+                    outputs = forward_all(layer.module, pruned, layer_kwargs)
+                else:
+                    seconds = budget.tune_limit(len(layers) - i) if budget is not None else None
+                    layer_tuned, outputs, report = tune_layer(layer.module, factored, pruned, targets, layer_kwargs,
+                                                              options, dtypes, seconds)
+                    progress.save_tuned(i, layer_tuned, report)
+            pause_point("tuning")
+            tuned.update(layer_tuned)
+            dense, pruned = targets, outputs
+            reports.append({"layer": i, **report})
+            bar.set_postfix(error=f"{report['loss_before']:.3g}->{report['loss_after']:.3g}", refresh=False)
+        bar.close()
+    ratios = [r["loss_after"] / r["loss_before"] for r in reports if r["loss_before"] > 0]
+    summary = {"epochs": args.tune_epochs, "lr": args.tune_lr, "layers": len(reports),
+               "layers_kept": sum(r["kept"] for r in reports),
+               "layers_time_limited": sum(r["stopped"] == "time_limit" for r in reports),
+               "mean_error_ratio": round(sum(ratios) / len(ratios), 4) if ratios else None,
+               "last_layer_error": [reports[-1]["loss_before"], reports[-1]["loss_after"]] if reports else None}
+    return tuned, {"summary": summary, "layers": reports}
+
+
 def _write(args: PruneArgs, out: Path, source: str, tokenizer, model: nn.Module, out_dtype: torch.dtype,
            layers: list[DecoderLayer], progress: Progress, executor: Executor, command: str | None,
-           clock: PhaseClock) -> dict:
+           clock: PhaseClock, tuned: dict[str, dict[str, torch.Tensor]], tuning: dict | None) -> dict:
     names = [name for layer in layers for name in layer.linears]
     results: dict[str, dict[str, torch.Tensor]] = {}
     reports: list[dict] = []
     for name in names:  # from OUT/.progress, in model order: the same bytes however the jobs ran
         results[name], report = progress.load(name)
+        results[name] = tuned.get(name, results[name])
         reports.append(report)
-    ab_dtype = torch.float32 if args.options.get("ab_dtype") == "float32" else out_dtype
-    state = checkpoint_state(model, results, out_dtype, ab_dtype)  # pruned weights are replaced by their cores
+    # pruned weights are replaced by their cores
+    state = checkpoint_state(model, results, out_dtype, _ab_dtype(args, out_dtype))
     size = fmt.footprint({k: fmt.info_of(v) for k, v in state.items()}, list(results))
     quant = fmt.make_quant_config(args.method, args.options.get("block_size"), list(results),
                                   args.options.get("max_overhead") if args.options.get("block_size") == "auto"
                                   else None, size)
     write_checkpoint(out, source, model.config, tokenizer, state, quant, out_dtype)
     pause_point("final_write")
-    report = _report(args, source, reports, clock, executor.describe(), size, command)
+    report = _report(args, source, reports, clock, executor.describe(), size, command, tuning)
     fmt.atomic_write_text(out / REPORT_FILE, _json(report))
     fmt.atomic_write_text(out / CARD_FILE, model_card(report))
     return report
@@ -282,7 +364,7 @@ def _walk_layers(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None
                 stats, outputs = _calibrate(layer, hidden, layer_kwargs, want_gram, arch)
             pause_point("calibration")
         limits = {}
-        if budget is not None and todo:
+        if budget is not None and todo and args.pruning_method.iterative:
             budget.calibrated_layers = i + 1
             later = sum(sum(s.values()) for s in sizes[i + 1:])
             limits = budget.layer_limits(sizes[i], later, len(layers) - i - 1 if needs_data else 0)
@@ -328,7 +410,7 @@ def _walk_rounds(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None
     saver = _Saver(progress, len(weights), clock, "rounds")
     for r, names in enumerate(rounds):
         limits = {}
-        if budget is not None:
+        if budget is not None and args.pruning_method.iterative:
             later = sum(weights[n].numel() for later_names in rounds[r + 1:] for n in later_names)
             limits = budget.layer_limits({n: weights[n].numel() for n in names}, later, 0)
         executor.submit(LayerJobs(r, {n: weights[n] for n in names}, {n: stats.get(n) for n in names}, limits),
@@ -436,7 +518,7 @@ def _packable(found: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
 
 
 def _report(args: PruneArgs, source: str, reports: list[dict], clock: PhaseClock, executor: dict,
-            size: fmt.Footprint, command: str | None) -> dict:
+            size: fmt.Footprint, command: str | None, tuning: dict | None) -> dict:
     import transformers
 
     import offline_prune
@@ -471,7 +553,9 @@ def _report(args: PruneArgs, source: str, reports: list[dict], clock: PhaseClock
             "checkpoint_bytes": size.checkpoint_bytes,
             "dense_bytes": size.dense_bytes,  # pruned linears as dense weights in the model dtype
             "bytes_ratio": size.bytes_ratio,
+            "tuning": tuning["summary"] if tuning else None,  # block tuning (offline_prune.reconstruct)
         },
+        "tuning_layers": tuning["layers"] if tuning else [],
         "linears": reports,
     }
 
@@ -510,6 +594,11 @@ def _log_summary(report: dict, out: Path) -> None:
         cut = s["stopped"].get("time_limit", 0)
         log.info("time budget %.0f s: used %.0f s; %d of %d matrices stopped early by it", s["time_budget_s"],
                  s["wall_seconds"], cut, s["linears"])
+    if s.get("tuning"):
+        t = s["tuning"]
+        log.info("block tuning (%g epochs, lr %g): layer output error x%.3f on average, last layer %.4g -> %.4g; "
+                 "%d of %d layers kept their tuning, %d cut by the time budget", t["epochs"], t["lr"],
+                 t["mean_error_ratio"], *t["last_layer_error"], t["layers_kept"], t["layers"], t["layers_time_limited"])
     if s.get("eta_check"):
         e = s["eta_check"]
         log.info("ETA after the first round (%s) %.0f s, actual %.0f s", e["order"],

@@ -29,6 +29,7 @@ from vllm_armor import checkpoint_format as fmt
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 PROGRESS_DIR = ".progress"
+TUNED_DIR = "tuned"  # block-tuned layers (offline_prune.reconstruct), one file per decoder layer
 RETIRED_DIR = ".progress.done"  # .progress/ renamed once the checkpoint is complete, then removed
 PAUSE_ENV = "ARMOR_PRUNE_PAUSE_AT"
 PAUSE_MARK = "ARMOR_PRUNE_PAUSED"
@@ -97,6 +98,26 @@ class Progress:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             report = json.loads(f.metadata()["report"])
         return tensors, report
+
+    def _tuned_file(self, layer: int) -> Path:
+        return self.dir / TUNED_DIR / f"layer-{layer:05d}.safetensors"
+
+    def save_tuned(self, layer: int, tensors: dict[str, dict[str, torch.Tensor]], report: dict) -> None:
+        """The block-tuned format tensors (module -> suffix -> tensor) of decoder layer ``layer``."""
+        self._tuned_file(layer).parent.mkdir(exist_ok=True)
+        flat = {fmt.tensor_name(module, s): t.contiguous() for module, ts in tensors.items() for s, t in ts.items()}
+        modules = sorted(tensors)
+        fmt.atomic_save_file(flat, self._tuned_file(layer),
+                             metadata={"report": json.dumps(report), "modules": json.dumps(modules)})
+
+    def load_tuned(self, layer: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+        file = self._tuned_file(layer)
+        if not file.exists():
+            return None
+        with safe_open(file, framework="pt") as f:
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata()
+        return {m: fmt.linear_tensors(flat, m) for m in json.loads(meta["modules"])}, json.loads(meta["report"])
 
     def finish(self) -> None:
         """Retire .progress/ in one step (the checkpoint beside it is complete), then remove it."""

@@ -114,7 +114,7 @@ def _progress_files_whole(out: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("point", ["calibration:2", "job:5", "progress_write:3", "final_write"])
+@pytest.mark.parametrize("point", ["calibration:2", "job:5", "progress_write:3", "tuning:1", "final_write"])
 def test_kill_at_a_point_then_rerun_is_byte_identical(reference, tiny_llama, c4_path, tmp_path, point):
     cmd = _command(tiny_llama, c4_path)
     _kill_when(cmd, tmp_path, point=point)
@@ -123,6 +123,8 @@ def test_kill_at_a_point_then_rerun_is_byte_identical(reference, tiny_llama, c4_
     done = _progress_files_whole(out)
     if point == "progress_write:3":  # killed between writing the 3rd file and renaming it: 2 trusted, 1 temporary
         assert len(done) == 2 and len(list((out / PROGRESS_DIR).glob(".*.tmp"))) == 1
+    if point == "tuning:1":  # every job done, the first layer block-tuned (ARMOR's default)
+        assert len(done) == 14 and len(list((out / PROGRESS_DIR / "tuned").glob("layer-*.safetensors"))) == 1
     if point == "final_write":
         assert len(done) == 14 and (out / "model.safetensors").is_file() and not (out / "armor_report.json").exists()
     proc = _run(cmd, tmp_path)

@@ -12,6 +12,7 @@ import torch
 
 from offline_prune import jobs
 from offline_prune.architectures import LLAMA_STYLE
+from offline_prune.budget import TUNE_SHARE
 from offline_prune.checkpoint import load_model
 from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
@@ -195,10 +196,47 @@ def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path):
     assert s["wall_seconds"] <= budget, s
     assert s["time_budget_s"] == budget and s["stopped"] == {"time_limit": s["linears"]}
     assert all(r["iterations"] >= 1 for r in report["linears"])
-    assert set(s["phase_seconds"]) == {"load", "calibration", "optimisation", "write"}
-    assert s["phase_seconds"]["optimisation"] > 0.5 * budget  # most of the budget went to the optimiser
+    assert set(s["phase_seconds"]) == {"load", "calibration", "optimisation", "tuning", "write"}
+    # most of the jobs' share went to the optimiser; block tuning (ARMOR's default) kept its share for itself
+    assert s["phase_seconds"]["optimisation"] > 0.5 * (1 - TUNE_SHARE) * budget
+    assert s["tuning"]["layers"] == 2 and s["phase_seconds"]["tuning"] > 0
     assert s["phase_seconds"]["write"] > 0 and json.loads((tmp_path / "o" / "armor_report.json").read_text()) == report
     assert sum(s["phase_seconds"].values()) <= s["wall_seconds"] + 0.01
+
+
+@pytest.mark.parametrize("method", ["armor", "sparsegpt"])
+def test_block_tuning_lowers_every_layer_error_and_keeps_the_mask(tiny_llama, c4_path, tmp_path, method):
+    """Block tuning (offline_prune.reconstruct) changes the kept values (and A, B) but never the 2:4 masks, and
+    no layer ends with a larger output error than its jobs gave it; a baseline tunes only when asked."""
+    common = dict(calib_samples=8, calib_seqlen=32, iters=3)
+    untuned = prune(tiny_args(tiny_llama, tmp_path / "a", c4_path, method, tune_epochs=0, **common))
+    tuned = prune(tiny_args(tiny_llama, tmp_path / "b", c4_path, method, tune_epochs=4, tune_lr=1e-3, **common))
+    assert untuned["summary"]["tuning"] is None and untuned["tuning_layers"] == []
+    t = tuned["summary"]["tuning"]
+    assert t["layers"] == 2 and t["epochs"] == 4 and t["layers_time_limited"] == 0
+    for layer in tuned["tuning_layers"]:
+        assert layer["steps"] == 4 and layer["stopped"] == "steps"  # 8 windows of 32 tokens: one step per pass
+        assert layer["loss_after"] <= layer["loss_before"]
+    assert any(layer["loss_after"] < 0.99 * layer["loss_before"] for layer in tuned["tuning_layers"])
+    assert t["mean_error_ratio"] < 1
+    _, a = fmt.read_folder(tmp_path / "a")
+    _, b = fmt.read_folder(tmp_path / "b")
+    assert a.keys() == b.keys()
+    metas = [k for k in a if k.endswith(fmt.CORE_META)]
+    assert metas and all(torch.equal(a[k], b[k]) for k in metas)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(fmt.CORE_VALUES))
+    assert (method == "armor") == any(k.endswith(fmt.ARMOR_A) for k in b)
+    model = load_model(tmp_path / "b")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 1000, (1, 16)), use_cache=False).logits).all()
+    assert PruneArgs(model="m", out="o", method=method).tune_epochs == (1.0 if method == "armor" else 0.0)
+
+
+def test_block_tuning_flag_errors():
+    with pytest.raises(UserError, match="--tune-epochs needs calibration"):
+        PruneArgs(model="m", out="o", method="magnitude", tune_epochs=1)
+    with pytest.raises(UserError, match="--tune-epochs"):
+        PruneArgs(model="m", out="o", tune_epochs=-1)
 
 
 def test_plateau_rule_stops_every_matrix_of_a_tiny_model(tiny_llama, c4_path, tmp_path):

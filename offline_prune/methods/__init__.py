@@ -67,6 +67,8 @@ class PruningMethod:
     options: tuple[MethodOption, ...] = ()
     # Iterative methods may be given options[TIME_LIMIT] (seconds for this matrix, or None) by --time-budget.
     iterative: bool = False
+    # Default --tune-epochs: passes of block-wise reconstruction after the jobs (offline_prune.reconstruct).
+    tune_epochs: float = 0.0
 
     @property
     def option_names(self) -> tuple[str, ...]:

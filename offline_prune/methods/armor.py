@@ -85,6 +85,9 @@ GRAM_OPTIMIZERS = ("fast-gram",)  # on the full X^T X (offline_prune.methods._ar
 # Measured on SmolLM2 (docs/BENCHMARKS.md, overhead sweep): at 0.03 fast was worse than SparseGPT 2:4 (1.40x its
 # WikiText-2 perplexity) and fast-gram better (0.79x); at 0.125 fast was the better of the two on the held-out text.
 AUTO_GRAM_BELOW = 0.1
+# Default --tune-epochs for ARMOR: passes of block-wise reconstruction of A, B and the kept values after the jobs
+# (offline_prune.reconstruct). Measured on SmolLM2 in docs/BENCHMARKS.md (block tuning).
+TUNE_EPOCHS = 1.0
 # The 6 ways to keep 2 of 4.
 PATTERNS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 RTOL, ATOL = 1e-6, 1e-8  # early-stop rule of the official code
@@ -697,7 +700,7 @@ def _uses_gram(options: Mapping[str, Any]) -> bool:
 
 
 METHOD = PruningMethod(
-    name="armor", prune=_prune, order=0,
+    name="armor", prune=_prune, order=0, tune_epochs=TUNE_EPOCHS,
     options=(
         MethodOption("block_size", AUTO, block_size_arg,
                      "ARMOR block size: 'auto' = per matrix the largest size whose A+B stay within --max-overhead; "
