@@ -23,6 +23,13 @@ def _blocks(group: list[dict]) -> str:
     return ", ".join(f"{o}x{i}" for o, i in sizes) or "none (A = B = I)"
 
 
+def _tuning(t: dict | None) -> str:
+    if not t:
+        return "none"
+    return (f"{t['epochs']:g} pass(es), lr {t['lr']:g}: layer output error x{t['mean_error_ratio']:.3f} on average, "
+            f"{t['layers_kept']} of {t['layers']} layers kept their tuning")
+
+
 def model_card(report: dict) -> str:
     """Markdown model card: base model, method, blocks and overhead, calibration, iterations, losses, command."""
     args, s, linears = report["args"], report["summary"], report["linears"]
@@ -51,6 +58,7 @@ def model_card(report: dict) -> str:
         f"| iterations per linear | mean {mean(iters):.1f}, max {max(iters)} |",
         f"| proxy loss (relative, mean) | NoWag-P {s['mean_loss_init_relative']:.4f} -> "
         f"{args['method']} {s['mean_loss_final_relative']:.4f} |",
+        f"| block tuning | {_tuning(s.get('tuning'))} |",
         f"| perplexity | {ppl if ppl is not None else 'not evaluated'} |",
         "",
         "## Per kind of linear",

@@ -202,6 +202,7 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
         write_bytes = sum(p.numel() for p in model.parameters()) * out_dtype.itemsize
         budget = TimeBudget(args.time_budget, clock, write_bytes, TUNE_SHARE if args.tune_epochs > 0 else 0.0)
     eta = _walk(args, model, windows, arch, layers, progress, executor, clock, budget)
+    eta_check = eta.check(clock.elapsed())  # the jobs' ETA is checked against the jobs (tuning has its own bar)
     tuned: dict[str, dict[str, torch.Tensor]] = {}
     tuning = None
     if args.tune_epochs > 0 and windows is not None:
@@ -215,7 +216,7 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
         report = _write(args, out, source, tokenizer, model, out_dtype, layers, progress, executor, command, clock,
                         tuned, tuning)
     report["summary"].update(wall_seconds=round(clock.elapsed(), 3), phase_seconds=clock.summary(),
-                             eta_check=eta.check(clock.elapsed()))  # the write phase included
+                             eta_check=eta_check)
     fmt.atomic_write_text(out / REPORT_FILE, _json(report))
     progress.finish()  # only now: a run killed before this point is finished by a rerun
     _log_summary(report, out)

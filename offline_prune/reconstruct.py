@@ -8,7 +8,8 @@ X~_l = f~_{l-1}(...f~_0(X_0)), minimise over theta = the continuous parameters o
 
 with Adam, ``epochs`` passes over the calibration windows in steps of about ``TOKENS_PER_STEP`` tokens (at least
 one window). For ARMOR theta = (A, kept core values, B) of every linear: W_hat = A (W' * M) B with the 2:4 mask M
-fixed; for a baseline (A = B = I) the kept values only. Everything else in the layer (norms, the dense embeddings) stays as it was.
+fixed; for a baseline (A = B = I) the kept values only. Everything else in the layer (norms, unpruned linears)
+stays as it was.
 
 Why: every job minimises its own matrix's proxy loss on dense inputs (NoWag: diag(X^T X) only), blind to the
 errors of the other matrices and of the earlier layers. Fitting the layer output from the pruned inputs corrects
