@@ -6,8 +6,9 @@ will take, shared in proportion to the matrices' sizes (d_out x d_in): layer sha
 job share = layer share x w_job / W_layer, times SAFETY for the work around the optimiser (scoring, saving).
 An iterative method (offline_prune.methods, ``iterative``) stops before an iteration that would end past its
 share; time a job leaves unused goes to the later layers because the shares are recomputed from the clock.
-With block tuning (offline_prune.reconstruct) the jobs see the budget less TUNE_SHARE of it, and each layer's
-tuning then gets an equal share of what is left (less the write), stepping until its share is spent.
+With block tuning (offline_prune.reconstruct) the jobs see the budget less a reserve for it: TUNE_SHARE of the
+budget, but at least TUNE_FORWARDS forward passes of every layer (timed as the calibration's); each layer's tuning
+then gets an equal share of what is left (less the write) and steps only while its share allows.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ PHASES = ("load", "calibration", "optimisation", "tuning", "write")
 SAFETY = 0.85  # share of a job's time given to the optimiser loop
 WRITE_BYTES_PER_S = 100e6  # conservative write rate for the final checkpoint (measured ~300 MB/s here)
 TUNE_SHARE = 1 / 3  # of a --time-budget kept for block tuning when it runs
+TUNE_FORWARDS = 3  # block tuning's passes of a layer over all windows besides its steps (target, before, after)
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -60,17 +62,26 @@ class PhaseClock:
 class TimeBudget:
     """Shares ``seconds`` of wall time (counted from the run's start) across the remaining jobs."""
 
-    def __init__(self, seconds: float, clock: PhaseClock, write_bytes: int, tune_share: float = 0.0) -> None:
+    def __init__(self, seconds: float, clock: PhaseClock, write_bytes: int, tune_share: float = 0.0,
+                 layers: int = 0) -> None:
         self.seconds = seconds
         self.clock = clock
         self.write_reserve = 2.0 + write_bytes / WRITE_BYTES_PER_S
-        self.tune_reserve = tune_share * seconds
+        self.tune_share = tune_share
+        self.layers = layers  # decoder layers (block tuning passes over each)
         self.calibrated_layers = 0
+
+    def calibration_per_layer(self) -> float:
+        return self.clock.seconds["calibration"] / max(self.calibrated_layers, 1)
+
+    def tune_reserve(self) -> float:
+        if not self.tune_share:
+            return 0.0
+        return max(self.tune_share * self.seconds, TUNE_FORWARDS * self.calibration_per_layer() * self.layers)
 
     def left(self, layers_to_calibrate: int) -> float:
         """Seconds the jobs may still use."""
-        per_layer = self.clock.seconds["calibration"] / max(self.calibrated_layers, 1)
-        reserve = per_layer * layers_to_calibrate + self.write_reserve + self.tune_reserve
+        reserve = self.calibration_per_layer() * layers_to_calibrate + self.write_reserve + self.tune_reserve()
         return self.seconds - self.clock.elapsed() - reserve
 
     def tune_limit(self, layers_left: int) -> float:

@@ -26,8 +26,9 @@ def _blocks(group: list[dict]) -> str:
 def _tuning(t: dict | None) -> str:
     if not t:
         return "none"
-    return (f"{t['epochs']:g} pass(es), lr {t['lr']:g}: layer output error x{t['mean_error_ratio']:.3f} on average, "
-            f"{t['layers_kept']} of {t['layers']} layers kept their tuning")
+    return (f"{t['epochs']:g} pass(es), lr {t['lr']:g}: layer output error x{t['mean_error_ratio']} on average, "
+            f"{t['layers_kept']} of {t['layers']} layers kept their tuning, "
+            f"{t.get('layers_skipped', 0)} skipped for want of time")
 
 
 def model_card(report: dict) -> str:

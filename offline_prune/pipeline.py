@@ -26,6 +26,7 @@ import json
 import logging
 import platform
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -200,7 +201,8 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
     budget = None
     if args.time_budget is not None and (args.pruning_method.iterative or args.tune_epochs > 0):
         write_bytes = sum(p.numel() for p in model.parameters()) * out_dtype.itemsize
-        budget = TimeBudget(args.time_budget, clock, write_bytes, TUNE_SHARE if args.tune_epochs > 0 else 0.0)
+        budget = TimeBudget(args.time_budget, clock, write_bytes, TUNE_SHARE if args.tune_epochs > 0 else 0.0,
+                            len(layers))
     eta = _walk(args, model, windows, arch, layers, progress, executor, clock, budget)
     eta_check = eta.check(clock.elapsed())  # the jobs' ETA is checked against the jobs (tuning has its own bar)
     tuned: dict[str, dict[str, torch.Tensor]] = {}
@@ -250,7 +252,9 @@ def _tune(args: PruneArgs, model: nn.Module, windows: torch.Tensor, layers: list
         pruned = dense.clone()
         bar = tqdm(layers, desc="block tuning", unit="layer")
         for i, layer in enumerate(bar):
+            begun = time.perf_counter()
             targets = forward_all(layer.module, dense, layer_kwargs)
+            forward_s = time.perf_counter() - begun
             factored = {}
             for name, lin in layer.linears.items():
                 tensors = {s: t.to(dtypes.get(s, t.dtype)) for s, t in progress.load(name)[0].items()}
@@ -266,20 +270,23 @@ def _tune(args: PruneArgs, model: nn.Module, windows: torch.Tensor, layers: list
                 else:
                     seconds = budget.tune_limit(len(layers) - i) if budget is not None else None
                     layer_tuned, outputs, report = tune_layer(layer.module, factored, pruned, targets, layer_kwargs,
-                                                              options, dtypes, seconds)
+                                                              options, dtypes, seconds, forward_s)
                     progress.save_tuned(i, layer_tuned, report)
             pause_point("tuning")
             tuned.update(layer_tuned)
             dense, pruned = targets, outputs
             reports.append({"layer": i, **report})
-            bar.set_postfix(error=f"{report['loss_before']:.3g}->{report['loss_after']:.3g}", refresh=False)
+            if report["loss_before"] is not None:
+                bar.set_postfix(error=f"{report['loss_before']:.3g}->{report['loss_after']:.3g}", refresh=False)
         bar.close()
-    ratios = [r["loss_after"] / r["loss_before"] for r in reports if r["loss_before"] > 0]
+    measured = [r for r in reports if r["loss_before"] is not None]  # not: skipped for want of time
+    ratios = [r["loss_after"] / r["loss_before"] for r in measured if r["loss_before"] > 0]
     summary = {"epochs": args.tune_epochs, "lr": args.tune_lr, "layers": len(reports),
                "layers_kept": sum(r["kept"] for r in reports),
                "layers_time_limited": sum(r["stopped"] == "time_limit" for r in reports),
                "mean_error_ratio": round(sum(ratios) / len(ratios), 4) if ratios else None,
-               "last_layer_error": [reports[-1]["loss_before"], reports[-1]["loss_after"]] if reports else None}
+               "last_layer_error": [reports[-1]["loss_before"], reports[-1]["loss_after"]] if reports else None,
+               "layers_skipped": len(reports) - len(measured)}
     return tuned, {"summary": summary, "layers": reports}
 
 
@@ -365,8 +372,9 @@ def _walk_layers(args: PruneArgs, model: nn.Module, windows: torch.Tensor | None
                 stats, outputs = _calibrate(layer, hidden, layer_kwargs, want_gram, arch)
             pause_point("calibration")
         limits = {}
-        if budget is not None and todo and args.pruning_method.iterative:
+        if budget is not None and needs_data:
             budget.calibrated_layers = i + 1
+        if budget is not None and todo and args.pruning_method.iterative:
             later = sum(sum(s.values()) for s in sizes[i + 1:])
             limits = budget.layer_limits(sizes[i], later, len(layers) - i - 1 if needs_data else 0)
         executor.submit(LayerJobs(i, {n: linears[n].weight for n in todo}, {n: stats.get(n) for n in todo},
@@ -597,9 +605,10 @@ def _log_summary(report: dict, out: Path) -> None:
                  s["wall_seconds"], cut, s["linears"])
     if s.get("tuning"):
         t = s["tuning"]
-        log.info("block tuning (%g epochs, lr %g): layer output error x%.3f on average, last layer %.4g -> %.4g; "
-                 "%d of %d layers kept their tuning, %d cut by the time budget", t["epochs"], t["lr"],
-                 t["mean_error_ratio"], *t["last_layer_error"], t["layers_kept"], t["layers"], t["layers_time_limited"])
+        log.info("block tuning (%g epochs, lr %g): layer output error x%s on average, last layer %s -> %s; "
+                 "%d of %d layers kept their tuning, %d cut by the time budget (%d of them skipped)", t["epochs"],
+                 t["lr"], t["mean_error_ratio"], *t["last_layer_error"], t["layers_kept"], t["layers"],
+                 t["layers_time_limited"], t["layers_skipped"])
     if s.get("eta_check"):
         e = s["eta_check"]
         log.info("ETA after the first round (%s) %.0f s, actual %.0f s", e["order"],

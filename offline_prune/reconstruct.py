@@ -118,13 +118,20 @@ def output_error(layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 def tune_layer(layer: nn.Module, factored: Mapping[str, FactoredLinear], inputs: torch.Tensor, targets: torch.Tensor,
                kwargs: dict, options: TuneOptions, dtypes: Mapping[str, torch.dtype],
-               seconds: float | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, dict]:
+               seconds: float | None = None,
+               forward_s: float = 0.0) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, dict]:
     """Tune the ``factored`` linears (already placed in ``layer``) so that layer(inputs) fits ``targets``.
 
     Returns (format tensors per linear in their checkpoint dtypes, the layer's outputs with those tensors, report).
-    ``seconds``: stop stepping once this much time has passed (the run's --time-budget)."""
+    ``seconds``: the time this call may take (the run's --time-budget), ``forward_s``: what one pass of the layer
+    over all windows takes; steps are taken only while the pass that follows them still fits, and a share too small
+    for the passes around any step leaves the layer as it is (one pass, for the next layer's inputs)."""
     start = time.perf_counter()
     before = {name: lin.tensors(dtypes) for name, lin in factored.items()}
+    if seconds is not None and seconds < 3 * forward_s:
+        outputs = forward_all(layer, inputs, kwargs)
+        return before, outputs, {"loss_before": None, "loss_after": None, "steps": 0, "stopped": "time_limit",
+                                 "kept": True, "seconds": round(time.perf_counter() - start, 3)}
     loss_before, out_before = output_error(layer, inputs, targets, kwargs)
     params = [p for lin in factored.values() for p in (lin.core, lin.a, lin.b) if p is not None]
     trained = {id(p) for p in params}
@@ -139,7 +146,7 @@ def tune_layer(layer: nn.Module, factored: Mapping[str, FactoredLinear], inputs:
     steps, stopped = 0, "steps"
     with torch.enable_grad():
         while steps < total_steps:
-            if seconds is not None and time.perf_counter() - start > seconds:
+            if seconds is not None and time.perf_counter() - start + forward_s > seconds:
                 stopped = "time_limit"
                 break
             idx = order[steps * per_step:(steps + 1) * per_step].to(inputs.device)
