@@ -6,9 +6,11 @@ will take, shared in proportion to the matrices' sizes (d_out x d_in): layer sha
 job share = layer share x w_job / W_layer, times SAFETY for the work around the optimiser (scoring, saving).
 An iterative method (offline_prune.methods, ``iterative``) stops before an iteration that would end past its
 share; time a job leaves unused goes to the later layers because the shares are recomputed from the clock.
-With block tuning (offline_prune.reconstruct) the jobs see the budget less a reserve for it: TUNE_SHARE of the
-budget, but at least TUNE_FORWARDS forward passes of every layer (timed as the calibration's); each layer's tuning
-then gets an equal share of what is left (less the write) and steps only while its share allows.
+Block tuning (offline_prune.reconstruct) is planned once the first layer is calibrated: its estimated cost, every
+layer's passes over the data (TUNE_FORWARDS + 3 per epoch for the steps, each timed as a calibration pass), is
+reserved if it is at most TUNE_SHARE of the budget; otherwise the run skips tuning and the jobs get the whole budget
+(the report says so). Each layer's tuning then gets an equal share of what is left (less the write) and steps
+only while its share allows.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from offline_prune.models import UserError
 PHASES = ("load", "calibration", "optimisation", "tuning", "write")
 SAFETY = 0.85  # share of a job's time given to the optimiser loop
 WRITE_BYTES_PER_S = 100e6  # conservative write rate for the final checkpoint (measured ~300 MB/s here)
-TUNE_SHARE = 1 / 3  # of a --time-budget kept for block tuning when it runs
+TUNE_SHARE = 0.5  # of a --time-budget that block tuning may take; more: it is skipped
 TUNE_FORWARDS = 3  # block tuning's passes of a layer over all windows besides its steps (target, before, after)
+TUNE_PASSES_PER_EPOCH = 3  # forward + backward of every window, as calibration passes
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -62,22 +65,31 @@ class PhaseClock:
 class TimeBudget:
     """Shares ``seconds`` of wall time (counted from the run's start) across the remaining jobs."""
 
-    def __init__(self, seconds: float, clock: PhaseClock, write_bytes: int, tune_share: float = 0.0,
+    def __init__(self, seconds: float, clock: PhaseClock, write_bytes: int, tune_epochs: float = 0.0,
                  layers: int = 0) -> None:
         self.seconds = seconds
         self.clock = clock
         self.write_reserve = 2.0 + write_bytes / WRITE_BYTES_PER_S
-        self.tune_share = tune_share
+        self.tune_epochs = tune_epochs
         self.layers = layers  # decoder layers (block tuning passes over each)
         self.calibrated_layers = 0
+        self.tune_planned: float | None = None  # seconds reserved for block tuning, once decided (0: skipped)
 
     def calibration_per_layer(self) -> float:
         return self.clock.seconds["calibration"] / max(self.calibrated_layers, 1)
 
     def tune_reserve(self) -> float:
-        if not self.tune_share:
-            return 0.0
-        return max(self.tune_share * self.seconds, TUNE_FORWARDS * self.calibration_per_layer() * self.layers)
+        """Seconds kept for block tuning, decided once the first layer is calibrated (0: tuning is skipped)."""
+        if self.tune_planned is None:
+            if not self.tune_epochs:
+                self.tune_planned = 0.0
+            elif self.calibrated_layers:
+                passes = TUNE_FORWARDS + TUNE_PASSES_PER_EPOCH * self.tune_epochs
+                need = passes * self.calibration_per_layer() * self.layers
+                self.tune_planned = need if need <= TUNE_SHARE * self.seconds else 0.0
+            else:
+                return 0.0
+        return self.tune_planned
 
     def left(self, layers_to_calibrate: int) -> float:
         """Seconds the jobs may still use."""

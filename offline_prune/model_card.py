@@ -26,6 +26,8 @@ def _blocks(group: list[dict]) -> str:
 def _tuning(t: dict | None) -> str:
     if not t:
         return "none"
+    if t.get("skipped"):
+        return f"skipped: {t['skipped']}"
     return (f"{t['epochs']:g} pass(es), lr {t['lr']:g}: layer output error x{t['mean_error_ratio']} on average, "
             f"{t['layers_kept']} of {t['layers']} layers kept their tuning, "
             f"{t.get('layers_skipped', 0)} skipped for want of time")

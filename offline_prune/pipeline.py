@@ -201,13 +201,17 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
     budget = None
     if args.time_budget is not None and (args.pruning_method.iterative or args.tune_epochs > 0):
         write_bytes = sum(p.numel() for p in model.parameters()) * out_dtype.itemsize
-        budget = TimeBudget(args.time_budget, clock, write_bytes, TUNE_SHARE if args.tune_epochs > 0 else 0.0,
-                            len(layers))
+        budget = TimeBudget(args.time_budget, clock, write_bytes, args.tune_epochs, len(layers))
     eta = _walk(args, model, windows, arch, layers, progress, executor, clock, budget)
     eta_check = eta.check(clock.elapsed())  # the jobs' ETA is checked against the jobs (tuning has its own bar)
     tuned: dict[str, dict[str, torch.Tensor]] = {}
     tuning = None
-    if args.tune_epochs > 0 and windows is not None:
+    if args.tune_epochs > 0 and windows is not None and budget is not None and not budget.tune_reserve():
+        tuning = {"summary": {"epochs": args.tune_epochs, "lr": args.tune_lr, "layers": 0,
+                              "skipped": "the time budget cannot hold it"}, "layers": []}
+        log.warning("block tuning skipped: --time-budget %.0f s cannot hold it (it would take more than %.0f%% of it)",
+                    args.time_budget, 100 * TUNE_SHARE)
+    elif args.tune_epochs > 0 and windows is not None:
         if args.pruning_method.is_sequential(args.options):  # the walk replaced the dense weights: load them again
             with clock.phase("load"):
                 model = _load(args)[2]
@@ -603,7 +607,9 @@ def _log_summary(report: dict, out: Path) -> None:
         cut = s["stopped"].get("time_limit", 0)
         log.info("time budget %.0f s: used %.0f s; %d of %d matrices stopped early by it", s["time_budget_s"],
                  s["wall_seconds"], cut, s["linears"])
-    if s.get("tuning"):
+    if s.get("tuning") and s["tuning"].get("skipped"):
+        log.info("block tuning skipped: %s", s["tuning"]["skipped"])
+    elif s.get("tuning"):
         t = s["tuning"]
         log.info("block tuning (%g epochs, lr %g): layer output error x%s on average, last layer %s -> %s; "
                  "%d of %d layers kept their tuning, %d cut by the time budget (%d of them skipped)", t["epochs"],
