@@ -232,6 +232,25 @@ def test_block_tuning_lowers_every_layer_error_and_keeps_the_mask(tiny_llama, c4
     assert PruneArgs(model="m", out="o", method=method).tune_epochs == (1.0 if method == "armor" else 0.0)
 
 
+def test_time_budget_plans_block_tuning_only_when_it_fits():
+    """Block tuning's reserve is decided once the first layer is calibrated: (3 + 3 x epochs) calibration passes of
+    every layer, kept when at most half the budget, else 0 (tuning skipped, the jobs keep the whole budget)."""
+    from offline_prune.budget import PhaseClock, TimeBudget
+
+    def planned(seconds: float, epochs: float) -> float:
+        clock = PhaseClock()
+        clock.seconds["calibration"] = 2.0
+        budget = TimeBudget(seconds, clock, 0, epochs, layers=30)
+        assert budget.tune_reserve() == 0.0 and (budget.tune_planned is None) == (epochs > 0)  # undecided yet
+        budget.calibrated_layers = 2  # 1 s per layer
+        return budget.tune_reserve()
+
+    assert planned(1000, 1) == pytest.approx(6 * 30)  # fits in half of 1000 s
+    assert planned(300, 1) == 0.0  # 180 s > 150 s: skipped
+    assert planned(10_000, 0) == 0.0
+    assert planned(1000, 2) == pytest.approx(9 * 30)
+
+
 def test_block_tuning_flag_errors():
     with pytest.raises(UserError, match="--tune-epochs needs calibration"):
         PruneArgs(model="m", out="o", method="magnitude", tune_epochs=1)
