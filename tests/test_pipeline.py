@@ -197,8 +197,9 @@ def test_time_budget_is_shared_and_respected(tiny_llama, c4_path, tmp_path):
     assert s["time_budget_s"] == budget and s["stopped"] == {"time_limit": s["linears"]}
     assert all(r["iterations"] >= 1 for r in report["linears"])
     assert set(s["phase_seconds"]) == {"load", "calibration", "optimisation", "tuning", "write"}
-    # most of the jobs' share went to the optimiser; block tuning (ARMOR's default) kept its share for itself
-    assert s["phase_seconds"]["optimisation"] > 0.5 * (1 - TUNE_SHARE) * budget
+    # most of the budget went to the optimiser: block tuning (ARMOR's default) costs the tiny model little
+    assert s["phase_seconds"]["optimisation"] > 0.5 * budget
+    assert s["phase_seconds"]["tuning"] < TUNE_SHARE * budget
     assert s["tuning"]["layers"] == 2 and s["phase_seconds"]["tuning"] > 0
     assert s["phase_seconds"]["write"] > 0 and json.loads((tmp_path / "o" / "armor_report.json").read_text()) == report
     assert sum(s["phase_seconds"].values()) <= s["wall_seconds"] + 0.01
