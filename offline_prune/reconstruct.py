@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from offline_prune.budget import TUNE_FORWARDS
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.blockdiag import blockdiag_left, blockdiag_right
 
@@ -128,7 +129,7 @@ def tune_layer(layer: nn.Module, factored: Mapping[str, FactoredLinear], inputs:
     for the passes around any step leaves the layer as it is (one pass, for the next layer's inputs)."""
     start = time.perf_counter()
     before = {name: lin.tensors(dtypes) for name, lin in factored.items()}
-    if seconds is not None and seconds < 3 * forward_s:
+    if seconds is not None and seconds < TUNE_FORWARDS * forward_s:
         outputs = forward_all(layer, inputs, kwargs)
         return before, outputs, {"loss_before": None, "loss_after": None, "steps": 0, "stopped": "time_limit",
                                  "kept": True, "seconds": round(time.perf_counter() - start, 3)}
