@@ -50,7 +50,7 @@ def main() -> None:
                       "command": report.get("command")}
     others = {k: v["ppl"]["ppl"] for k, v in rows.items() if not k.startswith("armor")}
     best = min(others, key=others.get) if others else None  # no baseline run: no gap column
-    refs = [r for r in dict.fromkeys([*([best] if best else []), *args.versus])]
+    refs = list(dict.fromkeys([*([best] if best else []), *args.versus]))
     for ref in refs:
         if ref not in rows:
             ap.error(f"--versus {ref}: no run of that name")
