@@ -96,6 +96,11 @@ class PruneArgs:
         key.pop("out")
         return key
 
+    def retune_keys(self) -> tuple[str, ...]:
+        """The run_key fields that change block tuning only: a rerun that differs in these alone keeps the finished
+        jobs and tunes again. With a time budget the tuning plan also sets the jobs' time limits: none then."""
+        return () if self.time_budget is not None else ("tune_epochs", "tune_lr")
+
 
 class _StopForward(Exception):
     pass
@@ -197,7 +202,7 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
         if args.pruning_method.needs_calibration:  # read the data before touching OUT: a bad file leaves nothing
             windows = load_calibration(args.calib or "self", tokenizer, model, args.calib_samples,
                                        args.calib_seqlen, args.seed)
-    progress = Progress(out, _run_key(args, executor), overwrite)
+    progress = Progress(out, _run_key(args, executor), overwrite, args.retune_keys())
     budget = None
     if args.time_budget is not None and (args.pruning_method.iterative or args.tune_epochs > 0):
         write_bytes = sum(p.numel() for p in model.parameters()) * out_dtype.itemsize

@@ -1,9 +1,10 @@
 """Crash-safe progress under OUT/.progress/: one safetensors file per finished linear, written atomically.
 
-A rerun of the same command finds the finished linears and continues; a rerun with other arguments is
-refused unless --overwrite (which starts over). Every file is written to a temporary name, fsynced and renamed
-(`checkpoint_format.atomic_save_file`), so a kill -9 at any moment leaves either the whole file or none, never
-half a file that a rerun would trust. The final checkpoint is written while .progress/ still exists; only then is
+A rerun of the same command finds the finished linears and continues; a rerun with other arguments is refused
+unless --overwrite (which starts over), except one that differs only in block tuning's settings (`retune_keys`): it
+keeps the finished linears and starts tuning over. Every file is written to a temporary name, fsynced and renamed
+(`checkpoint_format.atomic_save_file`), so a kill -9 at any moment leaves either the whole file or none, never half
+a file that a rerun would trust. The final checkpoint is written while .progress/ still exists; only then is
 .progress/ retired (renamed, then removed), so a run killed during its final write is finished by a rerun.
 
 `pause_point` is a test hook: with ARMOR_PRUNE_PAUSE_AT=POINT[:N] in the environment, the N-th time the run passes
@@ -52,7 +53,7 @@ def pause_point(point: str) -> None:
 
 
 class Progress:
-    def __init__(self, out: Path, run_args: dict, overwrite: bool) -> None:
+    def __init__(self, out: Path, run_args: dict, overwrite: bool, retune_keys: tuple[str, ...] = ()) -> None:
         self.dir = out / PROGRESS_DIR
         if overwrite and out.exists():
             shutil.rmtree(out)
@@ -63,14 +64,25 @@ class Progress:
         run_file = self.dir / RUN_FILE
         if run_file.exists():
             previous = json.loads(run_file.read_text())
-            if previous != run_args:
-                diff = sorted(k for k in set(previous) | set(run_args) if previous.get(k) != run_args.get(k))
+            diff = sorted(k for k in set(previous) | set(run_args) if previous.get(k) != run_args.get(k))
+            if diff and set(diff) <= set(retune_keys):
+                self._retune(run_args, {k: (previous.get(k), run_args.get(k)) for k in diff})
+            elif diff:
                 raise UserError(
                     f"{out} holds an unfinished run with other arguments (differ: {', '.join(diff)}); "
                     "rerun the same command to resume, or pass --overwrite to start over"
                 )
         else:
             fmt.atomic_write_text(run_file, json.dumps(run_args, indent=1, sort_keys=True))
+
+    def _retune(self, run_args: dict, changed: dict[str, tuple]) -> None:
+        """Other tuning settings: drop the tuned layers (first, so that a kill in between leaves no tuned layer that
+        the new settings would trust), then record the new arguments."""
+        done = len(list(self.dir.glob("*.safetensors")))
+        shutil.rmtree(self.dir / TUNED_DIR, ignore_errors=True)
+        fmt.atomic_write_text(self.dir / RUN_FILE, json.dumps(run_args, indent=1, sort_keys=True))
+        log.info("%s: block tuning settings changed (%s): the %d finished linears are kept, tuning starts over",
+                 self.dir.parent, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), done)
 
     @classmethod
     def existing(cls, out: Path) -> Progress:

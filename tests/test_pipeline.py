@@ -233,6 +233,63 @@ def test_block_tuning_lowers_every_layer_error_and_keeps_the_mask(tiny_llama, c4
     assert PruneArgs(model="m", out="o", method=method).tune_epochs == (1.0 if method == "armor" else 0.0)
 
 
+def test_a_rerun_with_other_tuning_settings_keeps_the_jobs_and_tunes_again(tiny_llama, c4_path, tmp_path,
+                                                                          monkeypatch):
+    """A run stopped during block tuning, rerun with other --tune-epochs / --tune-lr: no job runs again, the tuned
+    layers of the old settings are dropped, and the checkpoint equals a fresh run of the new settings."""
+    from offline_prune import pipeline
+
+    common = dict(calib_samples=8, calib_seqlen=32, iters=3)
+    full = prune(tiny_args(tiny_llama, tmp_path / "full", c4_path, tune_epochs=2, tune_lr=1e-3, **common))
+    out = tmp_path / "rerun"
+    real_tune_layer = pipeline.tune_layer
+    calls = {"n": 0}
+
+    def stop_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_tune_layer(*a, **k)
+
+    monkeypatch.setattr(pipeline, "tune_layer", stop_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_args(tiny_llama, out, c4_path, **common))  # ARMOR's default tuning: 1 epoch, lr 1e-4
+    assert len(list((out / ".progress").glob("*.safetensors"))) == 14
+    assert len(list((out / ".progress" / "tuned").glob("*.safetensors"))) == 1
+    monkeypatch.setattr(pipeline, "tune_layer", real_tune_layer)
+
+    def no_job(*a, **k):
+        raise AssertionError("a finished job ran again")
+
+    monkeypatch.setattr(jobs, "run_job", no_job)
+    report = prune(tiny_args(tiny_llama, out, c4_path, tune_epochs=2, tune_lr=1e-3, **common))
+    assert report["summary"]["tuning"]["epochs"] == 2 and report["summary"]["tuning"]["lr"] == 1e-3
+    assert report["tuning_layers"] == [{**r, "seconds": s["seconds"]} for r, s in
+                                       zip(full["tuning_layers"], report["tuning_layers"], strict=True)]
+    assert _files(out) == _files(tmp_path / "full")
+    with pytest.raises(UserError, match="--overwrite"):  # a finished run is never changed in place
+        prune(tiny_args(tiny_llama, out, c4_path, tune_epochs=1, **common))
+
+
+def test_only_tuning_settings_may_change_on_a_rerun(tmp_path):
+    from offline_prune.progress import PROGRESS_DIR, TUNED_DIR, Progress
+
+    out = tmp_path / "o"
+    Progress(out, {"iters": 3, "tune_lr": 1e-4}, False)
+    (out / PROGRESS_DIR / TUNED_DIR).mkdir()
+    (out / PROGRESS_DIR / TUNED_DIR / "layer-00000.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"other arguments \(differ: tune_lr\)"):
+        Progress(out, {"iters": 3, "tune_lr": 1e-3}, False)  # not a tuning key here: refused, nothing lost
+    assert (out / PROGRESS_DIR / TUNED_DIR).is_dir()
+    with pytest.raises(UserError, match=r"differ: iters, tune_lr"):
+        Progress(out, {"iters": 4, "tune_lr": 1e-3}, False, ("tune_lr",))
+    Progress(out, {"iters": 3, "tune_lr": 1e-3}, False, ("tune_lr",))
+    assert not (out / PROGRESS_DIR / TUNED_DIR).exists()
+    assert json.loads((out / PROGRESS_DIR / "run.json").read_text())["tune_lr"] == 1e-3
+    assert PruneArgs(model="m", out="o").retune_keys() == ("tune_epochs", "tune_lr")
+    assert PruneArgs(model="m", out="o", time_budget=60).retune_keys() == ()  # the plan sets the jobs' limits
+
+
 def test_time_budget_plans_block_tuning_only_when_it_fits():
     """Block tuning's reserve is decided once the first layer is calibrated: (3 + 3 x epochs) calibration passes of
     every layer, kept when at most half the budget, else 0 (tuning skipped, the jobs keep the whole budget)."""
