@@ -64,7 +64,8 @@ def prune_parser() -> argparse.ArgumentParser:
                    help="block tuning after the per-matrix jobs: E passes over the calibration windows fitting each "
                         "decoder layer's output from the pruned model's inputs (A, B and kept values; mask fixed); "
                         "0 = off (default: 1 for armor, 0 for the baselines)")
-    p.add_argument("--tune-lr", type=float, default=1e-4, help="Adam learning rate of block tuning (default 1e-4)")
+    p.add_argument("--tune-lr", type=float, default=None,
+                   help="Adam learning rate of block tuning (default: TUNE_LR of offline_prune/reconstruct.py, 3e-4)")
     _add_method_options(p)
     p.add_argument("--skip", default=None, help="regex of module names to leave dense")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

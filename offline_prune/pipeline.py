@@ -46,7 +46,7 @@ from offline_prune.methods import PruningMethod, get_method
 from offline_prune.model_card import CARD_FILE, model_card
 from offline_prune.models import UserError, resolve_model
 from offline_prune.progress import PROGRESS_DIR, Progress, pause_point
-from offline_prune.reconstruct import FactoredLinear, TuneOptions, forward_all, placed, tune_layer
+from offline_prune.reconstruct import TUNE_LR, FactoredLinear, TuneOptions, forward_all, placed, tune_layer
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 
@@ -67,7 +67,7 @@ class PruneArgs:
     device: str = "cpu"
     time_budget: float | None = None  # seconds for the whole run (offline_prune.budget), None: no limit
     tune_epochs: float | None = None  # block tuning passes (offline_prune.reconstruct); None: the method's default
-    tune_lr: float = 1e-4
+    tune_lr: float | None = None  # block tuning's Adam lr; None: reconstruct.TUNE_LR
     # Options of the method (offline_prune.methods): missing ones get the method's defaults, unknown ones are refused.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +76,8 @@ class PruneArgs:
         object.__setattr__(self, "options", method.resolve(self.options))
         if self.tune_epochs is None:
             object.__setattr__(self, "tune_epochs", method.tune_epochs if method.needs_calibration else 0.0)
+        if self.tune_lr is None:
+            object.__setattr__(self, "tune_lr", TUNE_LR)
         if self.tune_epochs < 0 or self.tune_lr <= 0:
             raise UserError(f"--tune-epochs {self.tune_epochs} / --tune-lr {self.tune_lr}: expected >= 0 and > 0")
         if self.tune_epochs > 0 and not method.needs_calibration:

@@ -37,6 +37,7 @@ from vllm_armor import checkpoint_format as fmt
 from vllm_armor.blockdiag import blockdiag_left, blockdiag_right
 
 TOKENS_PER_STEP = 2048  # tokens per Adam step (4 windows of 512, 1 of 2048)
+TUNE_LR = 3e-4  # Adam's default lr: of 1e-4, 3e-4, 1e-3 at 1 epoch, the best on SmolLM2 (bench/tune_sweep.py)
 FORWARD_TOKENS = 8192  # tokens per forward chunk when only evaluating
 
 

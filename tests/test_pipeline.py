@@ -17,6 +17,7 @@ from offline_prune.checkpoint import load_model
 from offline_prune.methods import all_options, get_method, method_names
 from offline_prune.models import UserError
 from offline_prune.pipeline import PruneArgs, depth_rounds, prune
+from offline_prune.reconstruct import TUNE_LR
 from offline_prune.statistics import collect_stats
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.torch_module import ArmorLinear
@@ -231,6 +232,7 @@ def test_block_tuning_lowers_every_layer_error_and_keeps_the_mask(tiny_llama, c4
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 1000, (1, 16)), use_cache=False).logits).all()
     assert PruneArgs(model="m", out="o", method=method).tune_epochs == (1.0 if method == "armor" else 0.0)
+    assert PruneArgs(model="m", out="o", method=method).tune_lr == TUNE_LR
 
 
 def test_a_rerun_with_other_tuning_settings_keeps_the_jobs_and_tunes_again(tiny_llama, c4_path, tmp_path,
@@ -253,7 +255,7 @@ def test_a_rerun_with_other_tuning_settings_keeps_the_jobs_and_tunes_again(tiny_
 
     monkeypatch.setattr(pipeline, "tune_layer", stop_on_second)
     with pytest.raises(KeyboardInterrupt):
-        prune(tiny_args(tiny_llama, out, c4_path, **common))  # ARMOR's default tuning: 1 epoch, lr 1e-4
+        prune(tiny_args(tiny_llama, out, c4_path, **common))  # ARMOR's default tuning: 1 epoch, reconstruct.TUNE_LR
     assert len(list((out / ".progress").glob("*.safetensors"))) == 14
     assert len(list((out / ".progress" / "tuned").glob("*.safetensors"))) == 1
     monkeypatch.setattr(pipeline, "tune_layer", real_tune_layer)
