@@ -18,6 +18,25 @@ if str(REPO) not in sys.path:  # the repository's tools/ package (test helpers, 
     sys.path.insert(0, str(REPO))
 
 
+def _import_triton_for_its_interpreter() -> None:
+    """Import triton with TRITON_INTERPRET=1 (then unset it): its standard library (tl.sum, tl.max, ...) is jitted at
+    import, and only functions jitted in interpreter mode run in Triton's interpreter, which tests/test_triton24.py
+    uses to run the GPU kernels on CPU. No test process launches a compiled Triton kernel (there is no GPU), and the
+    variable is not left set, so the servers and prunes that tests start do not inherit it."""
+    if "triton" in sys.modules:
+        return  # imported already (by a plugin): test_triton24's fixture says so if it cannot interpret
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_import_triton_for_its_interpreter()
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"shared data file {path} is missing (expected ../shared/data beside the checkout)")

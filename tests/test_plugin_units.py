@@ -141,11 +141,11 @@ def test_cpu_auto_picks_dense_fold_for_float32():
 
 
 def test_kernel_list_order_and_env(monkeypatch):
-    assert [k.name for k in KERNELS] == ["sparse24", "sparse24_cpu", "dense", "factored"]
+    assert [k.name for k in KERNELS] == ["triton24", "sparse24", "sparse24_cpu", "dense", "factored"]
     monkeypatch.setenv("VLLM_ARMOR_KERNEL", "Factored ")
     assert choose_kernel(_spec())[0] is FactoredKernel
     monkeypatch.setenv("VLLM_ARMOR_KERNEL", "fastest")
-    with pytest.raises(ValueError, match="not one of: auto, sparse24, sparse24_cpu, dense, factored"):
+    with pytest.raises(ValueError, match="not one of: auto, triton24, sparse24, sparse24_cpu, dense, factored"):
         choose_kernel(_spec())
 
 

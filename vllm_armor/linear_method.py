@@ -16,7 +16,7 @@ import torch
 
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
-from vllm_armor.kernels import KERNEL_ENV, KERNELS, ArmorKernel, LayerSpec, choose_kernel
+from vllm_armor.kernels import KERNEL_ENV, KERNELS, ArmorKernel, LayerSpec, build_kernel
 from vllm_armor.tensor_parallel import LayerLayout
 
 from vllm.model_executor.layers.linear import (  # isort: skip
@@ -202,10 +202,8 @@ class ArmorLinearMethod(LinearMethodBase):
         layout: LayerLayout = layer.armor_layout
         spec = LayerSpec(layer.core_values.device, layer.params_dtype, tuple(s.rows for s in layout.shards),
                          layout.cols, layout.has_ab)
-        kernel_cls, reason = choose_kernel(spec)
-        _log_choice_once(kernel_cls.name, reason)
-        self.kernel = kernel_cls(spec)
-        self.kernel.process_weights(layer, shards)
+        self.kernel, reason = build_kernel(layer, spec, shards, self.prefix)
+        _log_choice_once(self.kernel.name, reason)
         for suffix in fmt.TENSOR_SUFFIXES:
             if hasattr(layer, suffix):
                 delattr(layer, suffix)

@@ -1,26 +1,35 @@
 """`sparse24`: the factored layer with the core on 2:4 sparse tensor cores via torch's cuSPARSELt bindings
 (CUDA sm80+), custom op ``vllm_armor::sparse24_linear``.
 
-UNTESTED ON REAL HARDWARE: this repository is developed and tested on CPU only. The kernel is only chosen
-where `supports_device` says so (a CUDA device of capability >= 8.0 and cuSPARSELt in the torch build);
-the CPU backend never reaches it.
+NOT YET RUN ON A GPU (`bench/gpu_check.py` times it beside `triton24`). `auto` prefers `triton24`, which keeps
+the core in the checkpoint's compressed bytes: cuSPARSELt needs its own opaque compressed copy, and pads the
+dense operand so that decode (M=1) runs far slower than dense (pytorch issue 111339). Chosen where `triton24`
+cannot run a layer, or with ``VLLM_ARMOR_KERNEL=sparse24`` (a CUDA device of capability >= 8.0 and cuSPARSELt
+in the torch build); the CPU backend never reaches it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vllm_armor.kernels.base import LayerSpec
 from vllm_armor.kernels.factored import FactoredKernel, factored_forward
 
+CSLT_ALIGN = 16  # cuSPARSELt wants the dense operand's token count aligned (torch pads fp16/bf16 to 16 too)
+
 
 def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor) -> torch.Tensor:
-    """x @ core^T with a cuSPARSELt-compressed 2:4 core."""
+    """x @ core^T with a cuSPARSELt-compressed 2:4 core: core @ x^T on the transposed view of x (no copy), the
+    result returned already transposed (T, d_out); x is padded (copied) only when T is not aligned."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch._cslt_sparse_mm(compressed, x2.t().contiguous())  # (d_out, T)
-    return y.t().reshape(*lead, -1)
+    tokens = x2.shape[0]
+    if tokens % CSLT_ALIGN:
+        x2 = F.pad(x2, (0, 0, 0, CSLT_ALIGN - tokens % CSLT_ALIGN))
+    y = torch._cslt_sparse_mm(compressed, x2.t(), transpose_result=True)  # (T, d_out)
+    return y[:tokens].reshape(*lead, -1)
 
 
 @torch.library.custom_op("vllm_armor::sparse24_linear", mutates_args=())
