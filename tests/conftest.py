@@ -23,8 +23,8 @@ def _import_triton_for_its_interpreter() -> None:
     import, and only functions jitted in interpreter mode run in Triton's interpreter, which tests/test_triton24.py
     uses to run the GPU kernels on CPU. No test process launches a compiled Triton kernel (there is no GPU), and the
     variable is not left set, so the servers and prunes that tests start do not inherit it."""
-    if "triton" in sys.modules:
-        return  # imported already (by a plugin): test_triton24's fixture says so if it cannot interpret
+    if "triton" in sys.modules or os.environ.get("ARMOR_TRITON_TESTS") == "cuda":
+        return  # compiled for a GPU (bench/gpu_check.py), or imported already (test_triton24 then says so)
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton  # noqa: F401

@@ -9,6 +9,9 @@ which is why the kernels convert every load to fp32 before computing. The patche
 (M, N, K), and the interpreter's unmasked-load entry point records every load without a mask: the tests assert
 that every dot is at least 16 in each dimension (a GPU needs K >= 16) and that no load went unmasked (an
 unmasked out-of-bounds load reads garbage silently in the interpreter).
+
+On a GPU, ``ARMOR_TRITON_TESTS=cuda`` runs the same cases compiled for real (`bench/gpu_check.py` does): no
+interpreter, the tensors on the GPU, the interpreter-only records not asserted.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ast
 import inspect
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -28,10 +32,15 @@ from vllm_armor.kernels.triton24 import DECODE_MAX_M, Triton24Kernel, decode_spl
 
 M_VALUES = (1, 2, 3, 8, 16, 17, 64)
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative Frobenius error vs the fp32 reference
+ON_GPU = os.environ.get("ARMOR_TRITON_TESTS") == "cuda"
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreter():
+    if ON_GPU:
+        yield None
+        return
     import triton.language as tl
     from triton.runtime import interpreter as ti
 
@@ -83,7 +92,7 @@ def _shard(d_out: int, d_in: int, blocks: tuple[int, int] | None, dtype: torch.d
     for suffix in (fmt.ARMOR_A, fmt.ARMOR_B):
         if suffix in tensors:
             tensors[suffix] = tensors[suffix].to(ab_dtype)
-    return tensors
+    return {suffix: t.to(DEVICE) for suffix, t in tensors.items()}
 
 
 # Llama-2-7B (hidden 4096, MLP 11008, MHA) and Llama-3-8B (hidden 4096, MLP 14336, GQA 1024 k/v) scaled down
@@ -110,15 +119,26 @@ def _layer(rows, d_in, blocks, dtype, ab, gen, ab_dtype=None):
     ab_dtype = ab_dtype or dtype
     shards = [_shard(r, d_in, bl if ab else None, dtype, ab_dtype, gen) for r, bl in zip(rows, blocks, strict=True)]
     layer = nn.Module()
-    kernel = Triton24Kernel(LayerSpec(torch.device("cpu"), dtype, tuple(rows), d_in, ab))
+    kernel = Triton24Kernel(LayerSpec(DEVICE, dtype, tuple(rows), d_in, ab))
     kernel.process_weights(layer, shards)  # includes the load-time self-check (M = 1 and M = 17)
     return layer, kernel, shards
 
 
 def _reference(x: torch.Tensor, shards, bias: torch.Tensor | None) -> torch.Tensor:
     weight = torch.cat([fmt.reconstruct_weight(t, torch.float32) for t in shards])
-    y = x.float() @ weight.t()
+    y = x.float() @ weight.t().to(x.device)
     return y + bias.float() if bias is not None else y
+
+
+def _randn(*shape: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+def _interpreted_cleanly(records) -> None:
+    if records is None:
+        return  # compiled on a GPU: the interpreter's records do not exist
+    assert records["unmasked"] == 0, "a kernel load without a mask"
+    assert records["dots"] and min(min(d) for d in records["dots"]) >= 16, "a tl.dot smaller than 16"
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -130,18 +150,17 @@ def test_kernel_matches_the_format_reference(name, rows, d_in, blocks, dtype, ab
     gen = torch.Generator().manual_seed(len(name) + 7 * ab)
     layer, kernel, shards = _layer(rows, d_in, blocks, dtype, ab, gen,
                                    ab_dtype=torch.float32 if name.startswith("llama2") else dtype)
-    bias = torch.randn(sum(rows), generator=gen).to(dtype) if ab == (len(rows) > 1) else None
+    bias = _randn(sum(rows), gen=gen, dtype=dtype) if ab == (len(rows) > 1) else None
     for m in M_VALUES:
-        x = torch.randn(m, d_in, generator=gen).to(dtype)
+        x = _randn(m, d_in, gen=gen, dtype=dtype)
         y = kernel.apply(layer, x, bias)
         assert y.shape == (m, sum(rows)) and y.dtype == dtype
         err = _rel_err(y, _reference(x, shards, bias))
         assert err < TOLERANCE[dtype], f"M={m}: relative error {err:.2e}"
     # a 3-D input (batch, tokens, d_in) as vLLM's transformers backend passes it
-    x = torch.randn(2, 5, d_in, generator=gen).to(dtype)
+    x = _randn(2, 5, d_in, gen=gen, dtype=dtype)
     assert _rel_err(kernel.apply(layer, x, bias), _reference(x, shards, bias)) < TOLERANCE[dtype]
-    assert interpreter["unmasked"] == 0, "a kernel load without a mask"
-    assert interpreter["dots"] and min(min(d) for d in interpreter["dots"]) >= 16, "a tl.dot smaller than 16"
+    _interpreted_cleanly(interpreter)
 
 
 def test_decode_split_over_k_on_a_large_gpu(interpreter):
@@ -151,7 +170,7 @@ def test_decode_split_over_k_on_a_large_gpu(interpreter):
     kernel.n_sms = 132  # an H100's count
     for m in (1, 5, DECODE_MAX_M):
         assert decode_split(64, 512, m, kernel.n_sms)[0] > 1
-        x = torch.randn(m, 1024, generator=gen).to(torch.bfloat16)
+        x = _randn(m, 1024, gen=gen, dtype=torch.bfloat16)
         assert _rel_err(kernel.apply(layer, x, None), _reference(x, shards, None)) < TOLERANCE[torch.bfloat16]
 
 
@@ -168,12 +187,12 @@ def test_every_kernel_load_is_masked_in_the_source():
 def test_custom_op_under_torch_compile_and_opcheck(interpreter):
     gen = torch.Generator().manual_seed(5)
     layer, kernel, shards = _layer((64, 32), 128, [(16, 16), (8, 16)], torch.float16, True, gen)
-    bias = torch.randn(96, generator=gen).to(torch.float16)
+    bias = _randn(96, gen=gen, dtype=torch.float16)
     compiled = torch.compile(lambda x: kernel.apply(layer, x, bias), backend="aot_eager", fullgraph=True)
     for m in (1, 33):
-        x = torch.randn(m, 128, generator=gen).to(torch.float16)
+        x = _randn(m, 128, gen=gen, dtype=torch.float16)
         assert torch.equal(compiled(x), kernel.apply(layer, x, bias))
-    x = torch.randn(3, 128, generator=gen).to(torch.float16)
+    x = _randn(3, 128, gen=gen, dtype=torch.float16)
     args = (x, layer.armor_values, layer.armor_meta, layer.armor_planes, layer.armor_b_flat, layer.armor_b_items,
             layer.armor_a_flat, layer.armor_out_items, bias, kernel.n_planes, kernel.n_sms, kernel.tile_n)
     torch.library.opcheck(torch.ops.vllm_armor.triton24_linear.default, args,
