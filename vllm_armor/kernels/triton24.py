@@ -7,7 +7,7 @@ fp32 reference). NOT YET RUN ON A GPU: `bench/gpu_check.py` is the prepared firs
 What the GPU holds per layer (all shards of a fused q/k/v or gate/up layer together): the checkpoint's kept
 values (N, d_in/2) in the compute dtype and its keep-mask bytes (N, d_in/8) unchanged, i.e. the same bytes as the
 checkpoint (~9 bits per weight at 16-bit values); A and B blocks flattened; a few small int32 tables. No dense
-copy of the core is ever made (the load-time self-check expands one shard at a time, then frees it).
+copy of the core is ever made (the load-time self-check expands the first 256 rows of each shard only).
 
 One call, y = A (core (B x)) + bias, is three launches (one without A/B... two: core and epilogue):
 
@@ -57,6 +57,7 @@ ITEM_COLS = 8  # int32 columns of a work item: col, w_off, bs, plane, o0 (padded
 BLOCK_O = 32  # outputs of a block-diagonal work item
 TARGET_PROGRAMS_PER_SM = 4  # split-K aims at this many decode programs per multiprocessor
 SELF_CHECK_RTOL = 3e-2  # load-time check of the kernel against the fp32 reference (a broken kernel gives ~1)
+SELF_CHECK_ROWS = 256  # rows of each shard checked (its first ones, whole A blocks): no dense copy of a big layer
 
 # (BLOCK_N, BLOCK_J, num_warps) of the decode kernel by BLOCK_M: [BLOCK_M, BLOCK_N, BLOCK_J] gathered x entries.
 GEMV_CONFIGS = {1: (32, 128, 4), 2: (32, 128, 4), 4: (32, 64, 4), 8: (16, 64, 4), 16: (16, 32, 4)}
@@ -368,17 +369,37 @@ class Triton24Kernel(ArmorKernel):
             layer.armor_a_flat if ab else None, layer.armor_out_items, bias, self.n_planes, self.n_sms, self.tile_n)
 
     def self_check(self, layer: nn.Module, shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        """Compile both paths now (not while serving) and compare them with the fp32 reference on random inputs:
-        a kernel that fails to build or computes wrong is refused here, and the layer goes to the next kernel."""
-        gen = torch.Generator(device=layer.armor_values.device).manual_seed(0)
-        for m in (1, DECODE_MAX_M + 1):
-            x = torch.randn((m, self.spec.d_in), generator=gen, device=gen.device).to(self.spec.dtype)
-            got = self.apply(layer, x, None).float()
+        """Compile the paths now (not while serving) and compare them with the fp32 reference on random inputs:
+        a kernel that fails to build or computes wrong is refused here, and the layer goes to the next kernel. On a
+        GPU every variant a server can reach (each decode block size, the tile path, with and without bias); in
+        the interpreter (tests) one decode and one tile call, to keep it quick."""
+        device = layer.armor_values.device
+        gen = torch.Generator(device=device).manual_seed(0)
+        bias = torch.randn(layer.armor_values.shape[0], generator=gen, device=device).to(self.spec.dtype)
+        if device.type == "cuda":
+            calls = [(m, b) for m in (1, 2, 3, 5, 9, DECODE_MAX_M + 1) for b in (None, bias)]
+        else:
+            calls = [(1, None), (DECODE_MAX_M + 1, bias)]
+        weights = [fmt.reconstruct_weight(leading_rows(t, SELF_CHECK_ROWS), torch.float32) for t in shards]
+        for m, b in calls:
+            x = torch.randn((m, self.spec.d_in), generator=gen, device=device).to(self.spec.dtype)
+            got = self.apply(layer, x, b).float()
             start = 0
-            for tensors in shards:
-                want = x.float() @ fmt.reconstruct_weight(tensors, torch.float32).t()
-                part = got[:, start:start + want.shape[1]]
-                err = ((part - want).norm() / want.norm().clamp_min(1e-30)).item()
+            for tensors, weight in zip(shards, weights, strict=True):
+                rows = slice(start, start + weight.shape[0])
+                want = x.float() @ weight.t() + (b[rows].float() if b is not None else 0.0)
+                err = ((got[:, rows] - want).norm() / want.norm().clamp_min(1e-30)).item()
                 if not err <= SELF_CHECK_RTOL:  # NaN fails too
                     raise RuntimeError(f"self-check failed at M={m}: relative error {err:.3g} > {SELF_CHECK_RTOL}")
-                start += want.shape[1]
+                start += int(tensors[fmt.CORE_VALUES].shape[0])
+
+
+def leading_rows(tensors: Mapping[str, torch.Tensor], at_least: int) -> dict[str, torch.Tensor]:
+    """The format tensors of a linear's first rows: at least ``at_least`` of them (whole A blocks), or all."""
+    a = tensors.get(fmt.ARMOR_A)
+    block = a.shape[1] if a is not None else 1
+    rows = min(int(tensors[fmt.CORE_VALUES].shape[0]), -(-at_least // block) * block)
+    sliced = {fmt.CORE_VALUES: tensors[fmt.CORE_VALUES][:rows], fmt.CORE_META: tensors[fmt.CORE_META][:rows]}
+    if a is not None:
+        sliced[fmt.ARMOR_A], sliced[fmt.ARMOR_B] = a[:rows // block], tensors[fmt.ARMOR_B]
+    return sliced
