@@ -9,7 +9,7 @@ values (N, d_in/2) in the compute dtype and its keep-mask bytes (N, d_in/8) unch
 checkpoint (~9 bits per weight at 16-bit values); A and B blocks flattened; a few small int32 tables. No dense
 copy of the core is ever made (the load-time self-check expands the first 256 rows of each shard only).
 
-One call, y = A (core (B x)) + bias, is three launches (one without A/B... two: core and epilogue):
+One call, y = A (core (B x)) + bias, is three launches (two without A/B):
 
 1. B (all shards, one launch): ``_blockdiag`` writes B_s x for every shard s into plane s of a (S, M, d_in)
    buffer; each program is one (block, 32 outputs) work item of a table built at load, so block sizes may
@@ -21,17 +21,17 @@ One call, y = A (core (B x)) + bias, is three launches (one without A/B... two: 
      small) and accumulates in fp32. K is split over ``split`` programs (fp32 partial sums) so that small layers
      still fill the GPU; the epilogue adds the partials.
    * M > ``DECODE_MAX_M`` (prefill): ``_tile``. A [BLOCK_K, BLOCK_N] tile of the core is expanded in registers
-     from values and mask (each kept value loaded once, pruned entries 0) and multiplied on tensor cores with
-     ``tl.dot`` (fp32 accumulation). Why not cuSPARSELt here: it needs its own compressed copy of the core
-     (an opaque layout), which would double the core's memory; memory is what 2:4 promises (the `sparse24`
-     kernel keeps the cuSPARSELt path for whoever wants it).
+     from values and mask (each kept value loaded once, pruned entries 0) for ``tl.dot`` on tensor cores (fp32
+     accumulation). Not cuSPARSELt: it needs its own opaque compressed copy, doubling the core's memory (the
+     `sparse24` kernel keeps that path).
    The row of a fused layer picks the B plane of its shard (``planes``), so q, k and v share one launch.
 3. Epilogue (one launch): sums the core's fp32 partials, applies A (block-diagonal, the same work-item table
    scheme), adds the bias, casts to the output dtype.
 
 Every launch's grid and buffers depend only on shapes (no host sync, no data-dependent allocation): the op is
-safe to capture in a CUDA graph. The Triton functions below are plain Python functions jitted on first use
-(`_jit`), so that ``TRITON_INTERPRET=1`` (read by ``triton.jit``) may be set after this module is imported.
+safe to capture in a CUDA graph. The Triton functions are jitted on first use (`_jit`), so the interpreter
+(``TRITON_INTERPRET=1``, which triton's own library needs before triton is imported: tests/conftest.py) can be
+chosen after this module is imported.
 """
 
 from __future__ import annotations
@@ -299,12 +299,6 @@ def tile_rows(out_sizes: Sequence[int], has_ab: bool) -> int:
     return next((b for b in (TILE_CONFIG[1], 64, 32, 16) if g % b == 0), 0)
 
 
-def _triton_ok() -> tuple[bool, str]:
-    if triton is None:
-        return False, "triton is not installed"
-    return True, f"triton {triton.__version__}"
-
-
 class Triton24Kernel(ArmorKernel):
     name = "triton24"
     description = (f"compressed 2:4 core in Triton: decode (M <= {DECODE_MAX_M}) a gather GEMV over the kept "
@@ -318,8 +312,9 @@ class Triton24Kernel(ArmorKernel):
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return False, f"GPU capability {major}.{minor} < 8.0"
-        ok, why = _triton_ok()
-        return ok, f"CUDA capability {major}.{minor}, {why}" if ok else why
+        if triton is None:
+            return False, "triton is not installed"
+        return True, f"CUDA capability {major}.{minor}, triton {triton.__version__}"
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:
