@@ -56,5 +56,15 @@ class ArmorKernel(ABC):
         """y = layer(x) + bias from the parameters registered by `process_weights`."""
 
 
+def cuda_sm80(device: torch.device) -> tuple[bool, str]:
+    """(ok, reason): ``device`` is a CUDA GPU of compute capability 8.0 or later (sparse tensor cores, bf16 dots)."""
+    if device.type != "cuda":
+        return False, f"device is {device.type}, not a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"GPU capability {major}.{minor} < 8.0"
+    return True, f"CUDA capability {major}.{minor}"
+
+
 def register_frozen(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
     layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))

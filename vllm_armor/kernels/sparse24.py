@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_armor.kernels.base import LayerSpec
+from vllm_armor.kernels.base import LayerSpec, cuda_sm80
 from vllm_armor.kernels.factored import FactoredKernel, factored_forward
 
 CSLT_ALIGN = 16  # cuSPARSELt wants the dense operand's token count aligned (torch pads fp16/bf16 to 16 too)
@@ -55,15 +55,11 @@ class Sparse24Kernel(FactoredKernel):
 
     @classmethod
     def supports_device(cls, device: torch.device) -> tuple[bool, str]:
-        if device.type != "cuda":
-            return False, f"device is {device.type}, the 2:4 tensor-core path needs CUDA"
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            return False, f"GPU capability {major}.{minor} < 8.0 has no 2:4 sparse tensor cores"
+        ok, why = cuda_sm80(device)
         cusparselt = getattr(torch.backends, "cusparselt", None)
-        if cusparselt is None or not cusparselt.is_available():
+        if ok and (cusparselt is None or not cusparselt.is_available()):
             return False, "this torch build has no cuSPARSELt"
-        return True, f"CUDA capability {major}.{minor} with cuSPARSELt"
+        return ok, f"{why} with cuSPARSELt" if ok else why
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from vllm_armor import checkpoint_format as fmt
-from vllm_armor.kernels.base import ArmorKernel, LayerSpec, register_frozen
+from vllm_armor.kernels.base import ArmorKernel, LayerSpec, cuda_sm80, register_frozen
 
 try:
     import triton
@@ -307,14 +307,10 @@ class Triton24Kernel(ArmorKernel):
 
     @classmethod
     def supports_device(cls, device: torch.device) -> tuple[bool, str]:
-        if device.type != "cuda":
-            return False, f"device is {device.type}, the Triton 2:4 kernels are for CUDA GPUs"
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            return False, f"GPU capability {major}.{minor} < 8.0"
-        if triton is None:
+        ok, why = cuda_sm80(device)
+        if ok and triton is None:
             return False, "triton is not installed"
-        return True, f"CUDA capability {major}.{minor}, triton {triton.__version__}"
+        return ok, f"{why}, triton {triton.__version__}" if ok else why
 
     @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:
