@@ -10,6 +10,7 @@ from armor_fixtures import random_weight
 
 from offline_prune.methods import armor
 from offline_prune.methods.armor import DEFAULT_PLATEAU, Plateau, Snapshot, armor_prune
+from offline_prune.methods.armor.nowag import group_gram
 from offline_prune.proxy import normalize, nowag_p_mask, proxy_loss, proxy_scale
 from vllm_armor.blockdiag import blockdiag_dense
 from vllm_armor.checkpoint_format import mask_is_2of4
@@ -133,7 +134,7 @@ def test_half_precision_input_is_fitted_in_float32() -> None:
 
 
 def test_group_update_matches_brute_force() -> None:
-    """_solve_groups: best pattern and values equal a dense least-squares search over all 6 patterns."""
+    """solve_groups: best pattern and values equal a dense least-squares search over all 6 patterns."""
     g = torch.Generator().manual_seed(11)
     bo, bi = 4, 8
     wn = torch.randn(bo, bi, generator=g)
@@ -162,8 +163,8 @@ def test_group_update_matches_brute_force() -> None:
             best_loss, best_vals = loss(trial), trial[row, cols].clone()
 
     q_full = a.T @ ((a @ c @ b - wn) * h) @ b.T
-    gram = armor._group_gram(b.unsqueeze(0), h)[grp : grp + 1]
-    vals, keep, change = armor._solve_groups(
+    gram = group_gram(b.unsqueeze(0), h)[grp : grp + 1]
+    vals, keep, change = armor.solve_groups(
         q_full[row, cols].unsqueeze(0), c[row, cols].unsqueeze(0), gram, a[:, row].square().sum().unsqueeze(0)
     )
     assert int(keep.sum()) == 2
@@ -236,3 +237,24 @@ def test_time_limit_ends_the_iterations_in_time(optimizer: str) -> None:
     none = armor_prune(w, h, 32, 32, optimizer=optimizer, iters=10, time_limit=0.0)
     assert none.iterations == 0 and none.stopped == "time_limit"
     _check_guarantee(w, h, none)
+
+
+def test_config_and_keyword_forms_agree() -> None:
+    """armor_prune(..., ArmorConfig(...)) and armor_prune(..., field=value) are the same run; a field that does not
+    exist is refused."""
+    w, h = _matrix(32, 64, seed=5), _h(64)
+    cfg = armor.ArmorConfig(optimizer="paper", iters=6, seed=2)
+    by_config = armor_prune(w, h, 16, 16, cfg)
+    by_keywords = armor_prune(w, h, 16, 16, optimizer="paper", iters=6, seed=2)
+    changed = armor_prune(w, h, 16, 16, cfg, seed=3)
+    assert by_config.history == by_keywords.history and torch.equal(by_config.core, by_keywords.core)
+    assert changed.history != by_config.history  # the keyword changes the config's seed
+    with pytest.raises(TypeError):
+        armor_prune(w, h, 16, 16, optimiser="fast")
+
+
+def test_registry_finds_the_armor_package() -> None:
+    from offline_prune.methods import get_method
+
+    assert hasattr(armor, "__path__")  # a package, found by the registry like a module
+    assert get_method("armor") is armor.METHOD

@@ -1,4 +1,4 @@
-"""Tests of ARMOR's fast-gram optimiser (offline_prune.methods._armor_full): the full X^T X layer objective,
+"""Tests of ARMOR's fast-gram optimiser (offline_prune.methods.armor.fast_gram): the full X^T X layer objective,
 SparseGPT's start, monotone history, exact group solve, determinism, registry flags."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import pytest
 import torch
 from armor_fixtures import random_weight
 
-from offline_prune.methods import _armor_full as full
 from offline_prune.methods import get_method
-from offline_prune.methods.armor import _solve_groups, armor_prune
+from offline_prune.methods.armor import armor_prune
+from offline_prune.methods.armor import fast_gram as full
+from offline_prune.methods.armor.core import half_core_grad, solve_groups
 from offline_prune.methods.sparsegpt import sparsegpt_2of4
 from vllm_armor.blockdiag import blockdiag_dense
 from vllm_armor.checkpoint_format import mask_is_2of4
@@ -88,14 +89,14 @@ def test_group_solve_is_exact_under_a_full_gram() -> None:
     g = torch.Generator().manual_seed(0)
     s.a += 0.1 * torch.randn(s.a.shape, generator=g)
     s.b += 0.1 * torch.randn(s.b.shape, generator=g)
-    f = full.fit_of(p, s)
-    q = full._q(s, f).reshape(16, 8, 4)
+    f = p.fit(s)
+    q = half_core_grad(s, f.rh).reshape(16, 8, 4)
     c = s.c.reshape(16, 8, 4)
     n = s.a.square().sum(dim=1).reshape(16, 1).expand(16, 8)
-    vals, keep, change = _solve_groups(q, c, full._group_gram(full._bhb(p, s.b)), n)
+    vals, keep, change = solve_groups(q, c, p.group_gram(s), n)
     row, grp = 5, 3
     s.c.view(16, 8, 4)[row, grp] = vals[row, grp] * keep[row, grp]
-    assert full.fit_of(p, s).loss - f.loss == pytest.approx(float(change[row, grp]), rel=1e-3, abs=1e-5 * f.loss)
+    assert p.fit(s).loss - f.loss == pytest.approx(float(change[row, grp]), rel=1e-3, abs=1e-5 * f.loss)
 
 
 def test_missing_gram_is_refused() -> None:

@@ -98,7 +98,7 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
 
 def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tmp_path, monkeypatch):
     """fast-gram: the walk hands it X^T X, waits for each layer (sequential) and the checkpoint is A @ core @ B."""
-    from offline_prune.methods import armor
+    from offline_prune.methods.armor import entry as armor  # the registry entry's armor_prune
 
     original = armor.armor_prune
     seen, energies = [], {"fast": set(), "fast-gram": set()}

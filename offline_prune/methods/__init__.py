@@ -1,9 +1,10 @@
-"""The pruning-method registry. Adding a method = adding one module to this package.
+"""The pruning-method registry. Adding a method = adding one module (or subpackage) to this package.
 
-Every public module here (name not starting with "_") defines ``METHOD: PruningMethod``: what the method needs
-from the layer walk (calibration data, statistics of the already-pruned model, X^T X), its options (the CLI
-builds its flags from them) and ``prune``, a pure function on one weight matrix. This file imports every module
-of the package (pkgutil) and registers their METHODs; offline_prune.jobs runs a method on one matrix,
+Every public module or subpackage here (name not starting with "_") defines ``METHOD: PruningMethod`` (a
+subpackage in its ``__init__``, e.g. ``armor/``): what the method needs from the layer walk (calibration data,
+statistics of the already-pruned model, X^T X), its options (the CLI builds its flags from them) and ``prune``, a
+pure function on one weight matrix. This file imports every module and subpackage of the package (pkgutil) and
+registers their METHODs; offline_prune.jobs runs a method on one matrix,
 offline_prune.pipeline walks the model.
 """
 
@@ -121,9 +122,13 @@ def all_options() -> list[MethodOption]:
 
 def _discover() -> None:
     found = []
-    for info in pkgutil.iter_modules(__path__):
+    for info in pkgutil.iter_modules(__path__):  # modules and subpackages (info.ispkg) alike
         if not info.name.startswith("_"):
-            found.append(importlib.import_module(f"{__name__}.{info.name}").METHOD)
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            if not isinstance(getattr(module, "METHOD", None), PruningMethod):
+                raise RuntimeError(f"{module.__name__} ({'package' if info.ispkg else 'module'}) defines no "
+                                   "METHOD = PruningMethod(...); a helper module's name must start with '_'")
+            found.append(module.METHOD)
     for method in sorted(found, key=lambda m: m.order):
         if method.name in _REGISTRY:
             raise RuntimeError(f"pruning method {method.name!r} is defined twice")
