@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
 
 log = logging.getLogger(__name__)
 

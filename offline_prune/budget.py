@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
 
 PHASES = ("load", "calibration", "optimisation", "tuning", "write")
 SAFETY = 0.85  # share of a job's time given to the optimiser loop

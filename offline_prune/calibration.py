@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from offline_prune.models import DEFAULT_MODEL, UserError
+from offline_prune.errors import UserError
+from offline_prune.models import DEFAULT_MODEL
 from vllm_armor.checkpoint_format import ArmorFormatError
 
 log = logging.getLogger("offline_prune")
@@ -108,7 +109,7 @@ def prune_args(a: argparse.Namespace):
 
     from offline_prune.budget import parse_duration
     from offline_prune.methods import get_method
-    from offline_prune.pipeline import PruneArgs
+    from offline_prune.run_args import PruneArgs
 
     return PruneArgs(
         model=a.model, out=a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,

@@ -25,8 +25,9 @@ import torch
 from ray.exceptions import RayError, RayTaskError
 
 from offline_prune import jobs
-from offline_prune.executor import Finished, JobFn, LayerJobs
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
+from offline_prune.executor import JobFn, LayerJobs
+from offline_prune.jobs import Finished
 from offline_prune.statistics import InputStats
 
 log = logging.getLogger(__name__)

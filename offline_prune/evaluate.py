@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
 
 log = logging.getLogger(__name__)
 

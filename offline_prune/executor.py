@@ -2,7 +2,7 @@
 
 `LocalExecutor` runs each job in this process when its results are asked for (the single-process pipeline);
 `PoolExecutor` runs them in worker processes of one thread each (bench/convergence_curve.py);
-`offline_prune.distributed.RayExecutor` runs them as Ray tasks. The walk (offline_prune.pipeline) does:
+`offline_prune.distributed.RayExecutor` runs them as Ray tasks. The walk (offline_prune.walk) does:
 
     executor.submit(layer_jobs, options)   # after calibrating a layer
     for done in executor.poll(): save      # whatever has finished (Ray: without waiting, but bounded)
@@ -20,10 +20,11 @@ from typing import Protocol
 import torch
 
 from offline_prune import jobs
+from offline_prune.jobs import Finished
 from offline_prune.methods import TIME_LIMIT
 from offline_prune.statistics import InputStats
 
-JobFn = Callable[[str, torch.Tensor, "InputStats | None", jobs.JobOptions], jobs.JobResult]
+JobFn = Callable[[str, torch.Tensor, "InputStats | None", jobs.JobOptions], Finished]
 
 
 @dataclass
@@ -40,13 +41,6 @@ class LayerJobs:
         if name not in self.time_limits:
             return options
         return replace(options, options=(*options.options, (TIME_LIMIT, self.time_limits[name])))
-
-
-@dataclass
-class Finished:
-    name: str
-    tensors: dict[str, torch.Tensor]
-    report: dict
 
 
 class Executor(Protocol):
@@ -72,7 +66,7 @@ class Executor(Protocol):
 
 
 def _call_run_job(module: str, weight: torch.Tensor, stats: InputStats | None,
-                  options: jobs.JobOptions) -> jobs.JobResult:
+                  options: jobs.JobOptions) -> Finished:
     return jobs.run_job(module, weight, stats, options)  # looked up at call time (tests patch it)
 
 
@@ -95,8 +89,7 @@ class LocalExecutor:
     def wait(self, names: Collection[str] | None = None) -> Iterator[Finished]:
         while self._queue:
             name, weight, stats, options = self._queue.pop(0)
-            result = self._job(name, weight, stats, options)
-            yield Finished(name, result.tensors, result.report)
+            yield self._job(name, weight, stats, options)
 
     def job_device(self, device: str) -> str:
         return device
@@ -151,8 +144,7 @@ class PoolExecutor:
                 yield self._finished(name)
 
     def _finished(self, name: str) -> Finished:
-        result = self._futures.pop(name).result()
-        return Finished(name, result.tensors, result.report)
+        return self._futures.pop(name).result()
 
     def job_device(self, device: str) -> str:
         return device

@@ -20,6 +20,7 @@ from offline_prune.progress import pause_point
 from offline_prune.proxy import clean_h, normalize, nowag_p_mask, proxy_loss, proxy_scale
 from offline_prune.statistics import InputStats
 from vllm_armor import checkpoint_format as fmt
+from vllm_armor.blockdiag import blockdiag_left, blockdiag_right
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,10 @@ class JobOptions:
 
 
 @dataclass
-class JobResult:
+class Finished:
+    """A finished job, the one record executors hand back and the walk saves to OUT/.progress."""
+
+    name: str  # full module name
     tensors: dict[str, torch.Tensor]  # suffix -> tensor (core_values, core_meta[, armor_a, armor_b])
     report: dict
 
@@ -62,7 +66,7 @@ def _proxy(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> tuple
     return float(loss), float(loss / scale), float(init)
 
 
-def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options: JobOptions) -> JobResult:
+def run_job(module: str, weight: torch.Tensor, stats: InputStats | None, options: JobOptions) -> Finished:
     start = time.perf_counter()
     w, h = job_inputs(weight, stats, options.device)
     out = get_method(options.method).prune(w, stats, h, options.params, job_seed(options.seed, module), options.device)
@@ -77,19 +81,27 @@ def job_inputs(weight: torch.Tensor, stats: InputStats | None, device: str) -> t
     return w.to(device), h.to(device)
 
 
+def approximation(out: PruneOutput) -> torch.Tensor:
+    """W_hat = A @ core @ B of a method's output as a dense float32 CPU matrix, straight from the output (the same
+    values as decoding its format tensors: the core outside the mask is zero, as the format's unpacking gives)."""
+    core = torch.where(out.mask.cpu().bool(), out.core.cpu().float(), 0.0)
+    if out.a_blocks is None:
+        return core
+    return blockdiag_left(out.a_blocks.float().cpu(), blockdiag_right(core, out.b_blocks.float().cpu()))
+
+
 def job_result(module: str, w: torch.Tensor, h: torch.Tensor, method: str, out: PruneOutput,
-               seconds: float) -> JobResult:
+               seconds: float) -> Finished:
     """Encode, validate and score one method output; ``seconds``: the method's time (scoring is added)."""
     start = time.perf_counter()
     d_out, d_in = w.shape
     report: dict = {"name": module, "shape": [d_out, d_in], "method": method, **out.report_extra}
     tensors = fmt.encode_linear(out.core, out.mask, out.a_blocks, out.b_blocks)
     fmt.validate_linear(module, tensors, expected_shape=(d_out, d_in))  # never save a non-finite result
-    dense = fmt.reconstruct_weight(tensors)  # A @ core @ B, float32: only for the loss report
-    loss, rel, init = _proxy(w.cpu(), dense, h.cpu())
+    loss, rel, init = _proxy(w.cpu(), approximation(out), h.cpu())  # only for the loss report
     init_rel = init / float(proxy_scale(normalize(w.cpu()).weight, h.cpu()))
     report.update(
         loss_init=init, loss_init_relative=init_rel, loss_final=loss, loss_final_relative=rel,
         iterations=out.iterations, seconds=round(seconds + time.perf_counter() - start, 3),
     )
-    return JobResult(tensors, report)
+    return Finished(module, tensors, report)

@@ -73,9 +73,16 @@ def model_card(report: dict) -> str:
         lines.append(f"| {kind} | {len(group)} | {_blocks(group)} | "
                      f"{mean(r['loss_init_relative'] for r in group):.4f} | "
                      f"{mean(r['loss_final_relative'] for r in group):.4f} |")
+    lines += _how_it_was_made(report)
+    return "\n".join(lines)
+
+
+def _how_it_was_made(report: dict) -> list[str]:
+    """The card's last sections: the command (or the Python API call), versions, how to serve it."""
+    args = report["args"]
     api_args = ", ".join(f"{k}={v!r}" for k, v in args.items() if k != "out")
     command = report.get("command") or f"# Python API\noffline_prune.pipeline.prune(PruneArgs({api_args}, out=...))"
-    lines += [
+    return [
         "",
         "## How it was made",
         "",
@@ -94,4 +101,3 @@ def model_card(report: dict) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)

