@@ -241,6 +241,8 @@ MALFORMED = {
     "overflow": f"ARMOR layer '{L0}.mlp.down_proj': the reconstructed weight A @ core @ B is not finite in "
                 "torch.bfloat16",
     "value_overflow": f"'{L0}.self_attn.q_proj.armor_a': has values that overflow torch.bfloat16",
+    "output_overflow": f"'{L0}.mlp.down_proj.armor_a': the layer's output overflows torch.bfloat16 for an input of "
+                       "magnitude 4096",
     # 5. the shard of a fused layer that is wrong is named, and the tensor that is wrong (not one derived from it)
     "k_values_f16": f"'{L0}.self_attn.k_proj.core_values': stored as torch.float16",
     "k_meta_rank": f"'{L0}.self_attn.k_proj.core_meta': expected a 2-D tensor",
@@ -304,6 +306,11 @@ def _break_tensors(kind: str, cfg: dict, t: dict[str, torch.Tensor]) -> None:
     elif kind == "overflow":  # every tensor finite, A @ core @ B is not
         for s in (cf.ARMOR_A, cf.ARMOR_B):
             t[f"{L0}.mlp.down_proj.{s}"] = t[f"{L0}.mlp.down_proj.{s}"] * 1e20
+    elif kind == "output_overflow":  # every tensor and A @ core @ B finite (max 1e37), outputs for real inputs are not
+        module = f"{L0}.mlp.down_proj"
+        scale = (1e37 / cf.reconstruct_weight(cf.linear_tensors(t, module), torch.float64).abs().max()).sqrt().item()
+        for s in (cf.ARMOR_A, cf.ARMOR_B):
+            t[cf.tensor_name(module, s)] = t[cf.tensor_name(module, s)] * scale
     elif kind == "value_overflow":  # finite in float32 (as stored), Inf in bfloat16 (the model dtype)
         t[f"{L0}.self_attn.q_proj.armor_a"][0, 0, 0] = 3.4e38
     elif kind == "k_values_f16":

@@ -168,10 +168,13 @@ def test_numerics_in_the_model_and_serving_dtypes(monkeypatch):
     with pytest.raises(fmt.ArmorFormatError, match="'m.armor_a': has values that overflow torch.float16"):
         fmt.validate_linear("m", t, serving_dtype=torch.float16)
     # a small bound means no product is computed
+    from vllm_armor.checkpoint_format import numerics
+
     calls = []
-    monkeypatch.setattr(fmt, "reconstruct_weight", lambda *a: calls.append(a))
+    monkeypatch.setattr(numerics, "reconstruct_weight", lambda *a: calls.append(a))
+    monkeypatch.setattr(numerics, "decode_linear", lambda *a: calls.append(a))
     fmt.validate_linear("m", _linear(), model_dtype=torch.bfloat16, serving_dtype=torch.float16)
-    assert calls == [] and math.isfinite(fmt._reconstruction_bound(_linear()))
+    assert calls == [] and math.isfinite(fmt.reconstruction_bound(_linear()))
 
 
 def test_checkpoint_config_and_tensors_agree_both_ways():

@@ -195,3 +195,39 @@ def test_read_folder_names_what_is_missing(tmp_path):
     (tmp_path / fmt.CONFIG_FILE).write_text("{}")
     with pytest.raises(fmt.ArmorFormatError, match=r"has no \*\.safetensors"):
         fmt.read_folder(tmp_path)
+
+
+def test_checkpoint_index_reads_checks_renames(tmp_path):
+    core, mask = random_2of4(8, 16)
+    tensors = {f"m.l.{s}": t for s, t in fmt.encode_linear(core.bfloat16(), mask).items()}
+    tensors["m.l.core_values"] = tensors["m.l.core_values"].bfloat16()
+    fmt.write_folder(tmp_path, tensors, {"dtype": "bfloat16", "quantization_config": fmt.make_quant_config(
+        "magnitude", None, ["m.l"])})
+    index = fmt.CheckpointIndex.read(tmp_path, ["m.l"])
+    assert index.model_dtype == torch.bfloat16 and index.shapes("m.l", 16).d_out == 8
+    assert set(index.headers("m.l")) == {fmt.CORE_VALUES, fmt.CORE_META}
+    index.check_loaded("m.l", fmt.CORE_VALUES, tensors["m.l.core_values"], into=torch.bfloat16)
+    with pytest.raises(fmt.ArmorFormatError, match=r"'m.l.core_values': stored as torch.bfloat16, loaded as "
+                                                   r"torch.float32 into a torch.float32 parameter"):
+        index.check_loaded("m.l", fmt.CORE_VALUES, tensors["m.l.core_values"].float(), into=torch.float32)
+    with pytest.raises(fmt.ArmorFormatError, match=r"'m.l.core_meta': expected shape \(8, 2\), got \(8, 1\)"):
+        index.check_loaded("m.l", fmt.CORE_META, tensors["m.l.core_meta"][:, :1])
+    with pytest.raises(fmt.ArmorFormatError, match=r"'m.l.core_meta': was not loaded"):
+        index.check_loaded("m.l", fmt.CORE_META, torch.empty(8, 2, dtype=torch.uint8, device="meta"))
+    with pytest.raises(fmt.ArmorFormatError, match=r"pruned module 'm.l' .* is not a linear layer"):
+        index.check_served(["m.other"])
+    renamed = index.renamed(lambda n: n.replace("m.", "model."), lambda names: [n.replace("m.", "model.")
+                                                                                 for n in names])
+    assert renamed.pruned_modules == {"model.l"} and renamed.values_dtype("model.l") == torch.bfloat16
+    assert index.pruned_modules == {"m.l"}  # the index is immutable: renaming made a new one
+    with pytest.raises(fmt.ArmorFormatError, match=r"'m.x.core_values' is missing"):  # checked when read
+        fmt.CheckpointIndex.read(tmp_path, ["m.l", "m.x"])
+
+
+def test_linear_method_depends_on_the_index_not_on_the_plugin():
+    import ast
+    from pathlib import Path
+
+    source = Path(fmt.__file__).parents[1] / "linear_method.py"
+    imports = {n.module for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.ImportFrom)}
+    assert "vllm_armor.plugin" not in imports and "self.config" not in source.read_text()

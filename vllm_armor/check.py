@@ -1,8 +1,8 @@
 """`armor-check DIR`: validate an ARMOR checkpoint folder without loading a model (docs/FORMAT.md).
 
 Checks every weight file against its header, config.json's quantization_config, that every ARMOR tensor belongs
-to a listed module and no listed module also keeps a dense weight (`checkpoint_format.check_checkpoint`), and every
-pruned module's tensors (`checkpoint_format.validate_linear`, numerics in the model dtype). Prints
+to a listed module and no listed module also keeps a dense weight (`checkpoint_format.CheckpointIndex.read`, the
+readers' index), and every pruned module's tensors (`CheckpointIndex.validate`, numerics in the model dtype). Prints
 one line: ``OK DIR: ...`` and exit code 0, or ``FAIL DIR: <what, naming the file or tensor>`` and exit code 2.
 Imports torch and safetensors only (not vLLM, not transformers); reads one module's tensors at a time.
 """
@@ -46,26 +46,24 @@ def _get(where: dict[str, tuple[Path, object]], name: str):
 def check_folder(folder: Path) -> str:
     """Validate ``folder``; return the summary line (raises ArmorFormatError naming the problem).
 
-    The checks are the readers' (`checkpoint_format.check_checkpoint` on the headers, `validate_linear` on every
-    listed module with the model dtype of config.json), without a model: that a listed module is a linear layer of
-    the model is left to the readers."""
+    The checks are the readers' (`CheckpointIndex.read` on the headers, `CheckpointIndex.validate` on every listed
+    module with the model dtype of config.json), without a model: that a listed module is a linear layer of the model
+    is left to the readers."""
     config = fmt.read_config(folder)
     if not fmt.is_armor_config(config):
         raise fmt.ArmorFormatError(f"{fmt.CONFIG_FILE} has no ARMOR quantization_config (quant_method 'armor')")
     quant = fmt.validate_quant_config(config["quantization_config"])
     modules: list[str] = quant["pruned_modules"]
-    model_dtype = fmt.config_dtype(config)
-    headers = fmt.read_headers(folder)
-    fmt.check_checkpoint(headers, modules, model_dtype)
+    index = fmt.CheckpointIndex.read(folder, modules)
     blocks: set[int] = set()
     with ExitStack() as stack:
         where = _open_all(stack, folder)
         for module in modules:
             tensors = {s: _get(where, fmt.tensor_name(module, s)) for s in fmt.TENSOR_SUFFIXES
                        if fmt.tensor_name(module, s) in where}
-            shapes = fmt.validate_linear(module, tensors, model_dtype=model_dtype)
+            shapes = index.validate(module, tensors, None, serving_dtype=None)
             blocks.update(b for b in (shapes.block_out, shapes.block_in) if b is not None)
-    size = fmt.footprint(headers, modules)
+    size = fmt.footprint(index.tensors, modules)
     block_text = "/".join(map(str, sorted(blocks))) or "none"
     return (f"{len(modules)} ARMOR linears ({quant.get('method', '?')}, blocks {block_text}), "
             f"{size.checkpoint_bytes / GB:.2f} GB weights ({size.bytes_ratio:.2f}x dense), "

@@ -4,15 +4,16 @@ as an `ArmorLinear` (the kernels vLLM serves with), through transformers' public
 its quantizers (`vllm_armor.__init__`); this module imports transformers and torch, never vLLM.
 
 Before the weights load, every linear of ``quantization_config.pruned_modules`` becomes an `ArmorSlot` whose
-parameters are named by the format suffixes with the shapes and dtypes of the safetensors headers, so transformers
-loads the format tensors as stored; afterwards each slot is validated (`checkpoint_format.validate_linear`) and
-replaced by an `ArmorLinear` that computes in the model's dtype.
+parameters are named by the format suffixes with the shapes and dtypes of the safetensors headers (the checkpoint's
+`CheckpointIndex`, the same the vLLM plugin reads), so transformers loads the format tensors as stored; afterwards
+each slot's tensors are checked against their headers and validated (`CheckpointIndex.check_loaded` / `validate`) and
+the slot is replaced by an `ArmorLinear` that computes in the model's dtype.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -39,30 +40,25 @@ class ArmorQuantizationConfig(QuantizationConfigMixin):
 class ArmorSlot(nn.Module):
     """A pruned linear while transformers loads it: one meta parameter per format tensor in the checkpoint."""
 
-    def __init__(self, name: str, linear: nn.Module, headers: Mapping[str, fmt.TensorInfo]) -> None:
+    def __init__(self, name: str, linear: nn.Module, index: fmt.CheckpointIndex) -> None:
         super().__init__()
-        self.name, self.shape = name, (int(linear.out_features), int(linear.in_features))
-        self.stored: dict[str, torch.dtype] = {}
-        for suffix in (*fmt.TENSOR_SUFFIXES, BIAS):
-            info = headers.get(fmt.tensor_name(name, suffix))
-            if info is not None:
-                self.stored[suffix] = info.dtype
-                empty = torch.empty(info.shape, dtype=info.dtype, device="meta")
-                self.register_parameter(suffix, nn.Parameter(empty, requires_grad=False))
+        self.name, self.shape, self.index = name, (int(linear.out_features), int(linear.in_features)), index
+        self.suffixes = [s for s in (*fmt.TENSOR_SUFFIXES, BIAS) if fmt.tensor_name(name, s) in index.tensors]
+        for suffix in self.suffixes:
+            info = index.header(name, suffix)
+            empty = torch.empty(info.shape, dtype=info.dtype, device="meta")
+            self.register_parameter(suffix, nn.Parameter(empty, requires_grad=False))
 
-    def build(self, dtype: torch.dtype, model_dtype: torch.dtype | None) -> ArmorLinear:
-        """The validated `ArmorLinear` computing in ``dtype`` (the checkpoint's dtype is ``model_dtype``). A tensor
-        not loaded, or loaded in a dtype other than the stored one (types are checked, never cast on the way in), is
-        an error; so is a layer that is not finite in either dtype."""
+    def build(self, dtype: torch.dtype) -> ArmorLinear:
+        """The validated `ArmorLinear` computing in ``dtype``. A tensor not loaded, or loaded in a dtype other than the
+        stored one (types are checked, never cast on the way in), is an error; so is a layer that is not finite in the
+        checkpoint's or in ``dtype``, or whose outputs overflow (`checkpoint_format.check_numerics`)."""
         tensors = {}
-        for suffix, stored in self.stored.items():
-            tensor = getattr(self, suffix).data
-            if tensor.is_meta or tensor.dtype != stored:
-                what = "was not loaded" if tensor.is_meta else f"was loaded as {tensor.dtype}, stored as {stored}"
-                raise fmt.ArmorFormatError(f"ARMOR tensor '{fmt.tensor_name(self.name, suffix)}' {what}")
-            tensors[suffix] = tensor
+        for suffix in self.suffixes:
+            tensors[suffix] = getattr(self, suffix).data
+            self.index.check_loaded(self.name, suffix, tensors[suffix])
         bias = tensors.pop(BIAS, None)
-        fmt.validate_linear(self.name, tensors, expected_shape=self.shape, model_dtype=model_dtype, serving_dtype=dtype)
+        self.index.validate(self.name, tensors, self.shape, serving_dtype=dtype)
         return ArmorLinear(tensors, bias, dtype)
 
 
@@ -71,16 +67,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     model.get_submodule(parent).register_module(child, module)
 
 
-def _headers(model: nn.Module, checkpoint_files: Sequence[str] | None) -> tuple[dict[str, fmt.TensorInfo], Path]:
-    """Tensor headers of the checkpoint being loaded (the files transformers passes, else the model's folder; each
-    file checked against its size) and its folder."""
+def _index(model: nn.Module, checkpoint_files: Sequence[str] | None, pruned: list[str]) -> fmt.CheckpointIndex:
+    """The index of the checkpoint being loaded: the headers of the files transformers passes, else of the model's
+    folder (each file checked against its size), checked like the vLLM plugin's (`CheckpointIndex.read`)."""
     if not checkpoint_files:
-        folder = Path(model.config._name_or_path)
-        return fmt.read_headers(folder), folder
-    headers: dict[str, fmt.TensorInfo] = {}
-    for file in checkpoint_files:
-        headers.update(fmt.read_header(Path(file)))
-    return headers, Path(checkpoint_files[0]).parent
+        return fmt.CheckpointIndex.read(Path(model.config._name_or_path), pruned)
+    files = [Path(f) for f in checkpoint_files]
+    return fmt.CheckpointIndex.read(files[0].parent, pruned, files)
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear | None:
@@ -100,30 +93,25 @@ class ArmorHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: ArmorQuantizationConfig, **kwargs) -> None:
         super().__init__(quantization_config, **kwargs)
         self.dtype: torch.dtype | None = None
-        self.model_dtype: torch.dtype | None = None  # the checkpoint's (config.json), core_values are stored in it
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         self.dtype = dtype  # the compute dtype of the ARMOR layers
         return dtype
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: Sequence[str] | None = None, **kwargs):
-        headers, folder = _headers(model, checkpoint_files)
         pruned = self.quantization_config.pruned_modules
-        self.model_dtype = fmt.config_dtype(fmt.read_config(folder))
-        fmt.check_checkpoint(headers, pruned, self.model_dtype)  # the same checks as the vLLM plugin's
+        index = _index(model, checkpoint_files, pruned)
         linears = {name: _linear(model, name) for name in pruned}
-        missing = [name for name, linear in linears.items() if linear is None]
-        if missing:
-            raise fmt.not_in_model(missing)
+        index.check_served(name for name, linear in linears.items() if linear is not None)
         for name, linear in linears.items():
-            _set_submodule(model, name, ArmorSlot(name, linear, headers))
+            _set_submodule(model, name, ArmorSlot(name, linear, index))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         dtype = self.dtype or model.dtype
         pruned = self.quantization_config.pruned_modules
         for name in pruned:
-            _set_submodule(model, name, model.get_submodule(name).build(dtype, self.model_dtype))
+            _set_submodule(model, name, model.get_submodule(name).build(dtype))
         require_armor_layers(model, pruned)
         log.info("built %d ARMOR layers (compute dtype %s)", len(pruned), dtype)
         return model

@@ -1,21 +1,23 @@
 """`ArmorLinearMethod`: loads one vLLM linear layer's ARMOR tensors and dispatches to a kernel.
 
-Loading: `create_weights` sizes flat loading parameters from the safetensors headers (checked with the
-format module's `check_shapes`, sharded by `tensor_parallel.LayerLayout`); vLLM's loader fills them shard
-by shard. After loading, the tensors are validated (`checkpoint_format.validate_linear`), a kernel is chosen
-from `vllm_armor.kernels.KERNELS` and builds its own parameters; the loading parameters are dropped.
-Compute is the kernel's `apply`.
+Loading: `create_weights` sizes flat loading parameters from the safetensors headers of the checkpoint's
+`CheckpointIndex` (checked with the format's `check_shapes`, sharded by `tensor_parallel.LayerLayout`); vLLM's
+loader fills them shard by shard, each tensor checked against its header (`CheckpointIndex.check_loaded`). After
+loading, the tensors are validated (`CheckpointIndex.validate`), a kernel is chosen from
+`vllm_armor.kernels.KERNELS` and builds its own parameters; the loading parameters are dropped. Compute is the
+kernel's `apply`. The method reads the index (immutable) and nothing of the plugin's config: `vllm_armor.plugin`
+imports this module, never the other way.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
 from vllm_armor import checkpoint_format as fmt
-from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
+from vllm_armor.checkpoint_format import ArmorFormatError, CheckpointIndex
 from vllm_armor.kernels import KERNEL_ENV, KERNELS, ArmorKernel, LayerSpec, build_kernel
 from vllm_armor.tensor_parallel import LayerLayout
 
@@ -28,9 +30,6 @@ from vllm.model_executor.layers.linear import (  # isort: skip
     RowParallelLinear,
 )
 from vllm.model_executor.parameter import BasevLLMParameter  # isort: skip
-
-if TYPE_CHECKING:
-    from vllm_armor.plugin import ArmorConfig
 
 # A child of "vllm" so that vLLM's logging configuration prints it next to its own lines.
 logger = logging.getLogger("vllm.armor")
@@ -57,26 +56,18 @@ def _row_ranks(layer: LinearBase, n: int) -> list[int]:
 class ArmorLinearMethod(LinearMethodBase):
     """Loads ARMOR tensors (core_values, core_meta, armor_a, armor_b) and computes A (core (B x)) + bias."""
 
-    def __init__(self, config: ArmorConfig, prefix: str, shard_modules: list[str]) -> None:
-        self.config = config
+    def __init__(self, index: CheckpointIndex, prefix: str, shard_modules: list[str],
+                 before_loading: Callable[[], None] | None = None) -> None:
+        """``index``: the checkpoint's headers and model dtype; ``shard_modules``: the checkpoint modules behind this
+        layer (q/k/v, gate/up when fused); ``before_loading``: the plugin's model-wide check, called before the layer's
+        first tensor (it runs once for the model)."""
+        self.index = index
         self.prefix = prefix
         self.shard_modules = shard_modules
+        self.before_loading = before_loading
         self.kernel: ArmorKernel | None = None
 
     # -- create ------------------------------------------------------------------------------------
-
-    def _headers(self, module: str) -> dict[str, TensorInfo]:
-        index = self.config.tensor_index
-        return {s: index[fmt.tensor_name(module, s)] for s in fmt.TENSOR_SUFFIXES
-                if fmt.tensor_name(module, s) in index}
-
-    def _shard_shapes(self, module: str, d_in: int) -> fmt.LinearShapes:
-        headers = self._headers(module)
-        try:
-            return fmt.check_shapes(module, {s: info.shape for s, info in headers.items()}, d_in=d_in)
-        except ArmorFormatError as err:
-            where = f" in {self.config.model_dir}" if self.config.model_dir else ""
-            raise ArmorFormatError(f"{err}{where}") from None
 
     def _layout(self, layer: LinearBase, input_size: int, in_pp: int, out_parts: list[int]) -> LayerLayout:
         n = len(self.shard_modules)
@@ -84,11 +75,11 @@ class ArmorLinearMethod(LinearMethodBase):
         if len(loader_ids) != n or len(out_parts) != n:
             raise ArmorFormatError(f"layer '{self.prefix}' has {len(out_parts)} output parts but packs "
                                    f"{self.shard_modules}")
-        shapes = [self._shard_shapes(m, input_size) for m in self.shard_modules]
+        shapes = [self.index.shapes(m, input_size) for m in self.shard_modules]
         self._check_shards_agree(shapes)
         row_parallel = isinstance(layer, RowParallelLinear)
         col_rank = getattr(layer, "tp_rank", 0) if row_parallel else 0
-        values_dtype = self._headers(self.shard_modules[0])[fmt.CORE_VALUES].dtype
+        values_dtype = self.index.values_dtype(self.shard_modules[0])
         layout = LayerLayout(self.prefix, row_parallel, in_pp, col_rank, values_dtype)
         for module, lid, rows, rank, sh in zip(self.shard_modules, loader_ids, out_parts, _row_ranks(layer, n),
                                                shapes, strict=True):
@@ -110,7 +101,7 @@ class ArmorLinearMethod(LinearMethodBase):
                 raise ArmorFormatError(f"'{lacks}' carries no A/B (armor_a/armor_b) while '{has}' of the same fused "
                                        f"layer '{self.prefix}' does: the shards of a fused layer must agree")
             for suffix in (fmt.CORE_VALUES, fmt.ARMOR_A, fmt.ARMOR_B):
-                mine, theirs = self._headers(module).get(suffix), self._headers(first).get(suffix)
+                mine, theirs = self.index.headers(module).get(suffix), self.index.headers(first).get(suffix)
                 if mine is not None and theirs is not None and mine.dtype != theirs.dtype:
                     raise ArmorFormatError(
                         f"ARMOR tensor '{fmt.tensor_name(module, suffix)}' is {mine.dtype} while "
@@ -126,11 +117,6 @@ class ArmorLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        if not self.config.tensor_index:
-            raise ArmorFormatError(
-                "ARMOR needs the checkpoint's safetensors headers; none were found "
-                f"(model directory {self.config.model_dir!r})"
-            )
         layout = self._layout(layer, input_size, input_size_per_partition, output_partition_sizes)
         layer.armor_layout = layout
         layer.armor_loaded = set()
@@ -147,7 +133,7 @@ class ArmorLinearMethod(LinearMethodBase):
 
     def _ab_dtype(self) -> torch.dtype:
         """The one dtype A and B of every shard are stored in (model dtype or float32), from the headers."""
-        found = {(m, s): self._headers(m)[s].dtype for m in self.shard_modules for s in (fmt.ARMOR_A, fmt.ARMOR_B)}
+        found = {(m, s): self.index.header(m, s).dtype for m in self.shard_modules for s in (fmt.ARMOR_A, fmt.ARMOR_B)}
         if len(set(found.values())) != 1:
             listed = ", ".join(f"{fmt.tensor_name(m, s)} {d}" for (m, s), d in found.items())
             raise ArmorFormatError(f"layer '{self.prefix}': A and B must share one dtype across shards ({listed})")
@@ -162,16 +148,11 @@ class ArmorLinearMethod(LinearMethodBase):
     # -- load --------------------------------------------------------------------------------------
 
     def _load(self, layer, suffix: str, param, loaded: torch.Tensor, shard_id) -> None:
-        self.config.check_all_served()  # the model is built once weights load (checked once)
+        if not layer.armor_loaded and self.before_loading is not None:
+            self.before_loading()  # the layer's first tensor: the model is built
         layout: LayerLayout = layer.armor_layout
         spec = layout.shard_for(shard_id)
-        expected = self._headers(spec.module)[suffix]
-        name = fmt.tensor_name(spec.module, suffix)
-        if tuple(loaded.shape) != expected.shape:
-            raise ArmorFormatError(f"ARMOR tensor '{name}': expected shape {expected.shape}, got {tuple(loaded.shape)}")
-        if loaded.dtype != expected.dtype or param.data.dtype != expected.dtype:  # types are checked, never cast
-            raise ArmorFormatError(f"ARMOR tensor '{name}': stored as {expected.dtype}, loaded as {loaded.dtype} into "
-                                   f"a {param.data.dtype} parameter")
+        self.index.check_loaded(spec.module, suffix, loaded, into=param.data.dtype)  # checked, never cast
         src, dst = layout.slices(spec, suffix, param.data, loaded)
         dst.copy_(src)
         layer.armor_loaded.add((suffix, spec.loader_id))
@@ -191,13 +172,11 @@ class ArmorLinearMethod(LinearMethodBase):
                         f"(missing from the checkpoint files of layer '{self.prefix}')"
                     )
             tensors = layout.shard_tensors(spec, params)
-            fmt.validate_linear(spec.module, tensors, expected_shape=(spec.rows, layout.cols),
-                                model_dtype=self.config.model_dtype, serving_dtype=layer.params_dtype)
+            self.index.validate(spec.module, tensors, (spec.rows, layout.cols), serving_dtype=layer.params_dtype)
             shards.append(tensors)
         return shards
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        self.config.check_all_served()
         shards = self._loaded_shards(layer)
         layout: LayerLayout = layer.armor_layout
         spec = LayerSpec(layer.core_values.device, layer.params_dtype, tuple(s.rows for s in layout.shards),

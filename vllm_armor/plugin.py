@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vllm_armor import checkpoint_format as fmt
-from vllm_armor.checkpoint_format import ArmorFormatError, TensorInfo
+from vllm_armor.checkpoint_format import ArmorFormatError, CheckpointIndex
 from vllm_armor.kernels import KERNEL_ENV, compile_key
 from vllm_armor.linear_method import ArmorLinearMethod
 
@@ -41,10 +41,10 @@ class ArmorConfig(QuantizationConfig):
         super().__init__()
         self.quant_cfg = fmt.validate_quant_config(quant_cfg)
         self.pruned_modules: set[str] = set(self.quant_cfg["pruned_modules"])
-        # Filled by maybe_update_config from the safetensors headers: name -> (shape, dtype).
-        self.tensor_index: dict[str, TensorInfo] = {}
+        # Read by maybe_update_config from the safetensors headers (names, shapes, dtypes) and config.json's dtype;
+        # handed to every ArmorLinearMethod, which reads nothing else of this config.
+        self.index: CheckpointIndex | None = None
         self.model_dir: str | None = None
-        self.model_dtype: torch.dtype | None = None  # config.json's dtype: the dtype core_values are stored in
         self.served_modules: set[str] = set()  # pruned modules given to an ArmorLinearMethod (get_quant_method)
         self._all_served_checked = False
 
@@ -80,29 +80,23 @@ class ArmorConfig(QuantizationConfig):
         self.model_dir = model_name
         folder = _local_dir(model_name, revision)
         if folder is None:
-            return  # create_weights refuses: no headers
-        index = fmt.read_headers(folder)  # every file checked against its size: a damaged one names itself
-        self.model_dtype = fmt.config_dtype(fmt.read_config(folder))
-        fmt.check_checkpoint(index, self.quant_cfg["pruned_modules"], self.model_dtype)
-        self.tensor_index = index
+            return  # get_quant_method refuses the first pruned layer: no headers
+        # every file checked against its size (a damaged one names itself), then `check_checkpoint`
+        self.index = CheckpointIndex.read(folder, self.quant_cfg["pruned_modules"])
 
     def check_all_served(self) -> None:
-        """Every module of pruned_modules became an ARMOR layer of the model (called once the model is built, i.e.
-        when weights load): a listed module that is not a linear of the model is refused, not ignored."""
+        """Every module of pruned_modules became an ARMOR layer of the model: a listed module that is not a linear of
+        the model is refused, not ignored. The model is complete once weights load: the linear methods call this
+        before their first tensor, and it runs its check once."""
         if self._all_served_checked or _pipeline_parallel():
             return  # done, or other ranks hold the other layers
         self._all_served_checked = True
-        missing = self.pruned_modules - self.served_modules
-        if missing:
-            raise fmt.not_in_model(missing)
+        if self.index is not None:
+            self.index.check_served(self.served_modules)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        mapped = {}
-        for name, info in self.tensor_index.items():
-            new = hf_to_vllm_mapper.map_name(name)
-            if new is not None:
-                mapped[new] = info
-        self.tensor_index = mapped
+        if self.index is not None:
+            self.index = self.index.renamed(hf_to_vllm_mapper.map_name, hf_to_vllm_mapper.apply_list)
         self.pruned_modules = set(hf_to_vllm_mapper.apply_list(sorted(self.pruned_modules)))
 
     def shard_modules(self, prefix: str) -> list[str]:
@@ -119,8 +113,11 @@ class ArmorConfig(QuantizationConfig):
         shards = self.shard_modules(prefix)
         pruned = [s in self.pruned_modules for s in shards]
         if all(pruned):
+            if self.index is None:
+                raise ArmorFormatError(f"ARMOR needs the checkpoint's safetensors headers; none were found (model "
+                                       f"directory {self.model_dir!r})")
             self.served_modules.update(shards)
-            return ArmorLinearMethod(self, prefix, shards)
+            return ArmorLinearMethod(self.index, prefix, shards, before_loading=self.check_all_served)
         if any(pruned):
             dense = [s for s, p in zip(shards, pruned, strict=True) if not p]
             raise ArmorFormatError(
