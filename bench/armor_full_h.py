@@ -1,6 +1,6 @@
 """ARMOR on the full layer objective (fast-gram) against NoWag-P, SparseGPT and fast mode, on real SmolLM2 matrices.
 
-    .venv/bin/python bench/armor_full_h.py --layers 1 10 20 --iters 15
+    .venv/bin/python -m bench.armor_full_h --layers 1 10 20 --iters 15
 
 For every linear of the chosen decoder layers (inputs from the dense model, C4 windows): the TRUE layer
 objective, relative:  ||(W_hat - W) X^T||_F^2 / ||W X^T||_F^2  (full X^T X), of NoWag-P, SparseGPT, ARMOR fast
@@ -16,31 +16,24 @@ import datetime as dt
 import json
 import logging
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from offline_prune.methods.armor import ab_overhead, armor_prune, auto_block_sizes  # noqa: E402
-from offline_prune.methods.nowag_p import nowag_p_2of4  # noqa: E402
-from offline_prune.methods.sparsegpt import sparsegpt_2of4  # noqa: E402
-from vllm_armor.blockdiag import blockdiag_left, blockdiag_right  # noqa: E402
+from bench.common import C4, MATRICES, REPO, command_line, layer_statistics
+from offline_prune.methods.armor import ab_overhead, armor_prune, auto_block_sizes
+from offline_prune.methods.nowag_p import nowag_p_2of4
+from offline_prune.methods.sparsegpt import sparsegpt_2of4
+from vllm_armor.blockdiag import blockdiag_left, blockdiag_right
 
 log = logging.getLogger("bench.armor_full_h")
-DATA = REPO.parent / "shared" / "data" / "c4" / "c4_validation_2k.jsonl"
-MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj")
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", type=Path, default=DATA)
+    ap.add_argument("--calib", type=Path, default=C4)
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 10, 20])
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -56,33 +49,12 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-@torch.no_grad()
 def layer_stats(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"L.matrix": (W float32, X^T X)} from C4 windows through the dense model."""
+    """{"L.matrix": (W float32, X^T X)} from C4 windows through the dense model (kept in --cache when given)."""
     if args.cache is not None and args.cache.is_file():
         return torch.load(args.cache)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from offline_prune.architectures import architecture_of, layer_list
-    from offline_prune.calibration import c4_windows
-    from offline_prune.models import resolve_model
-    from offline_prune.statistics import collect_stats
-
-    path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    arch = architecture_of(model)
-    _, layers = layer_list(model, arch)
-    del layers[max(args.layers) + 1:]
-    windows = c4_windows(args.calib, tok, args.samples, args.seqlen, seed=0)
-    out = {}
-    linears = {f"{i}.{name}": layers[i].get_submodule(name) for i in args.layers for name in MATRICES}
-    shared = [[f"{i}.{n}" for n in group] for i in args.layers for group in arch.shared_inputs]
-    with collect_stats(linears, True, shared) as stats:
-        for batch in windows.split(8):
-            model.model(input_ids=batch)
-    for key, lin in linears.items():
-        out[key] = (lin.weight.detach().float().clone(), stats[key].gram.clone())
+    stats = layer_statistics(args.model, args.calib, args.layers, MATRICES, args.samples, args.seqlen, gram=True)
+    out = {name.removeprefix("layers."): value for name, value in stats.items()}
     if args.cache is not None:
         torch.save(out, args.cache)
     return out
@@ -126,7 +98,7 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}, {args.threads} threads, CPU",
         "loadavg": Path("/proc/loadavg").read_text().strip(),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line("armor_full_h"),
         "samples": args.samples, "seqlen": args.seqlen, "iters": args.iters, "max_overhead": args.max_overhead,
         "rows": rows,
     }

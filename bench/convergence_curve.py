@@ -1,7 +1,7 @@
 """Where ARMOR's fast mode stops paying: proxy loss and WikiText-2 perplexity against iterations, at the default
 block-size policy (``--block-size auto --max-overhead 0.125``).
 
-    .venv/bin/python bench/convergence_curve.py --layers 0 15 --curve-iters 120 --ppl-iters 0 5 15 30
+    .venv/bin/python -m bench.convergence_curve --layers 0 15 --curve-iters 120 --ppl-iters 0 5 15 30
 
 Part 1 (proxy loss): every pruned matrix of the chosen decoder layers of the bundled SmolLM2-135M, h from C4
 windows through the dense model, one fast-mode run per matrix with no plateau stop (``plateau=None``) up to
@@ -19,7 +19,7 @@ defaults) is saved as the finished work of that rule's own ``armor-prune`` comma
 then only writes the checkpoint. Fast mode is deterministic, so each is the checkpoint that command would have
 produced (test_armor.py::test_snapshots_are_the_shorter_runs); its time is the summed job seconds up to its stop.
 
-    .venv/bin/python bench/convergence_curve.py --layers --one-run 240 --ppl-iters 30 60 120 240 --ppl-default \
+    .venv/bin/python -m bench.convergence_curve --layers --one-run 240 --ppl-iters 30 60 120 240 --ppl-default \
         --rule 120:10:0.002 --workers 2 --max-windows 40
 
 Writes bench/results/convergence_curve.json and a section of docs/BENCHMARKS.md.
@@ -35,7 +35,6 @@ import logging
 import os
 import platform
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -43,11 +42,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import BIN, C4, WIKITEXT, armor_eval_ppl, command_line, record, run  # noqa: E402
-from offline_prune import jobs  # noqa: E402
-from offline_prune.methods.armor import (  # noqa: E402
+from bench.common import (
+    BIN,
+    C4,
+    MATRICES,
+    WIKITEXT,
+    armor_eval_ppl,
+    command_line,
+    layer_statistics,
+    prune_argv,
+    record,
+    run,
+)
+from offline_prune import jobs
+from offline_prune.methods.armor import (
     DEFAULT_ITERS,
     DEFAULT_PLATEAU,
     Plateau,
@@ -59,12 +67,10 @@ from offline_prune.methods.armor import (  # noqa: E402
     plateau_of,
     prune_output,
 )
-from offline_prune.progress import Progress  # noqa: E402
+from offline_prune.progress import Progress
 
 log = logging.getLogger("bench.convergence_curve")
 MARKS = (5, 15, 30, 60, 120, 240)
-MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj")
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,29 +99,6 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-@torch.no_grad()
-def layer_stats(args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (W, h)} of the chosen layers, h from C4 windows through the dense model (ARMOR's setting)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from offline_prune.architectures import architecture_of, layer_list
-    from offline_prune.calibration import c4_windows
-    from offline_prune.models import resolve_model
-    from offline_prune.statistics import collect_stats
-
-    path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    arch = architecture_of(model)
-    _, layers = layer_list(model, arch)
-    linears = {f"layers.{i}.{m}": layers[i].get_submodule(m) for i in args.layers for m in MATRICES}
-    windows = c4_windows(C4, tok, args.samples, args.seqlen, seed=0)
-    with collect_stats(linears, False, arch.shared_inputs) as stats:
-        for batch in windows.split(8):
-            model.model(input_ids=batch)
-    return {name: (lin.weight.detach().float().clone(), stats[name].h.clone()) for name, lin in linears.items()}
-
-
 def plateau_stop(history: list[float]) -> int:
     for it in range(1, len(history)):
         if DEFAULT_PLATEAU.reached(history[: it + 1]):
@@ -125,7 +108,8 @@ def plateau_stop(history: list[float]) -> int:
 
 def curve(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for name, (w, h) in layer_stats(args).items():
+    stats = layer_statistics(args.model, C4, args.layers, MATRICES, args.samples, args.seqlen)
+    for name, (w, h) in stats.items():
         bo, bi = auto_block_sizes(*w.shape, args.max_overhead)
         res = armor_prune(w, h, bo, bi, iters=args.curve_iters, plateau=None)
         last = res.history[-1]
@@ -163,10 +147,10 @@ class Point:
         return cls(text, f"rule{iters}-{window}-{tol}", flags, Snapshot(int(iters), Plateau(int(window), float(tol))))
 
 
-def prune_argv(args: argparse.Namespace, point: Point) -> list[str]:
-    return [args.model, str(args.work / point.folder), "--calib", f"c4:{C4}", "--calib-samples", str(args.samples),
-            "--calib-seqlen", str(args.seqlen), "--max-overhead", str(args.max_overhead), "--device", "cpu",
-            *point.flags]
+def point_argv(args: argparse.Namespace, point: Point) -> list[str]:
+    """`armor-prune`'s arguments for one point."""
+    return prune_argv(args.model, args.work / point.folder, C4, args.samples, args.seqlen,
+                      "--max-overhead", str(args.max_overhead), "--device", "cpu", *point.flags)
 
 
 def snapshot_job(module: str, weight: torch.Tensor, stats, options, rules: list[Snapshot],
@@ -201,9 +185,9 @@ def one_run(args: argparse.Namespace, points: list[Point]) -> None:
     executor = PoolExecutor(args.workers, partial(snapshot_job, rules=[p.rule for p in todo],
                                                   folders=[args.work / p.folder for p in todo]))
     for p in todo:  # each folder is an unfinished run of its own command, so that command resumes it
-        Progress(args.work / p.folder, _run_key(prune_args(prune_parser().parse_args(prune_argv(args, p))), executor),
+        Progress(args.work / p.folder, _run_key(prune_args(prune_parser().parse_args(point_argv(args, p))), executor),
                  False)
-    argv = prune_argv(args, main)
+    argv = point_argv(args, main)
     prune(prune_args(prune_parser().parse_args(argv)), executor=executor, command=shlex.join(["armor-prune", *argv]))
 
 
@@ -223,7 +207,7 @@ def cached_ppl(args: argparse.Namespace, out: Path) -> dict:
 
 def prune_and_eval(args: argparse.Namespace, point: Point) -> dict:
     out = args.work / point.folder
-    cmd = [str(BIN / "armor-prune"), *prune_argv(args, point)]
+    cmd = [str(BIN / "armor-prune"), *point_argv(args, point)]
     resumed = args.one_run is not None and (out / ".progress").exists()
     reused = (args.reuse or args.one_run is not None) and (out / "armor_report.json").exists()
     start = time.perf_counter()
@@ -312,7 +296,7 @@ def main() -> None:
     ppl_rows = [prune_and_eval(args, p) for p in points]
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "load": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-            "command": command_line("convergence_curve.py"), "threads": torch.get_num_threads()}
+            "command": command_line("convergence_curve"), "threads": torch.get_num_threads()}
     meta["machine"] += f", {meta['threads']} torch thread(s)"
     record("convergence_curve", {"meta": meta, "args": {k: str(v) for k, v in vars(args).items()}, "curve": rows,
                                  "ppl": ppl_rows}, markdown(args, rows, ppl_rows, meta))

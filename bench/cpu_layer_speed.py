@@ -2,7 +2,7 @@
 model and for the fold: oneDNN with the weight prepacked, `vllm._custom_ops.onednn_mm`) against the CPU 2:4
 kernel (`vllm_armor::sparse24_cpu_linear`), all variants in one run.
 
-    .venv/bin/python bench/cpu_layer_speed.py [--quick]
+    .venv/bin/python -m bench.cpu_layer_speed [--quick]
 
 Shapes (d_out x d_in): SmolLM2-135M (576x576, 192x576, 1536x576, 576x1536) and Llama-2-7B (4096x4096,
 11008x4096, 4096x11008); M (tokens per call) in 1, 2, 4, 8, 16, 64, 512; 1 and 2 threads. Variants: dense
@@ -29,11 +29,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import command_line, record
 
-from offline_prune.methods.armor import largest_block_size  # noqa: E402 - after common puts the repo on sys.path
-from vllm_armor import checkpoint_format as cf  # noqa: E402
-from vllm_armor.kernels.sparse24_cpu import available, pack_blocks, pack_core  # noqa: E402
+from bench.common import command_line, record
+from offline_prune.methods.armor import largest_block_size
+from vllm_armor import checkpoint_format as cf
+from vllm_armor.kernels.sparse24_cpu import available, pack_blocks, pack_core
 
 log = logging.getLogger("bench.cpu_layer_speed")
 SHAPES = {
@@ -227,7 +227,7 @@ def main() -> None:
     machine = (f"{platform.node()} {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
                f"load average {load_before} before and {open('/proc/loadavg').read().split()[0]} after, "
                f"torch {torch.__version__}")
-    command = command_line("cpu_layer_speed.py")
+    command = command_line("cpu_layer_speed")
     record("cpu_layer_speed", {"date": str(dt.datetime.now(dt.timezone.utc)), "machine": machine, "command": command,
                                "rows": rows, "sequence": sequence},
            markdown(rows, sequence, machine, command))

@@ -1,6 +1,6 @@
 """How long `make demo` takes here, step by step (issue: a demo that ends in under 5 minutes).
 
-    .venv/bin/python bench/demo_time.py
+    .venv/bin/python -m bench.demo_time
 
 Runs `make demo-prune`, `make demo-eval` and `make demo-serve` (the three steps of `make demo`, setup already
 done) one after another, timing each, and reads the prune's report (phases, budget, cost) and the perplexity
@@ -9,6 +9,7 @@ line. Writes bench/results/demo_time.json and a line in docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import logging
@@ -19,15 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import REPO, command_line, record  # noqa: E402
+from bench.common import REPO, command_line, record
 
 log = logging.getLogger("bench.demo_time")
 STEPS = ("demo-prune", "demo-eval", "demo-serve")
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     times, outputs = {}, {}
@@ -46,7 +46,7 @@ def main() -> None:
     total = sum(times.values())
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "load_before": load_before, "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-            "command": command_line("demo_time.py")}
+            "command": command_line("demo_time")}
     md = (f"\n## `make demo` step by step ({meta['date']})\n\nMachine: {meta['machine']}, load average "
           f"{meta['load_before']} before, {meta['load_after']} after. Command: `{meta['command']}` (setup done).\n\n"
           f"| step | seconds |\n| --- | --- |\n"

@@ -1,6 +1,6 @@
 """The progress bar's ETA against the time the rest of the run really took, read from finished prunes' reports.
 
-    .venv/bin/python bench/eta_check.py out/defaults128/default out/defaults128/rounds
+    .venv/bin/python -m bench.eta_check out/defaults128/default out/defaults128/rounds
 
 `armor-prune` keeps, in `armor_report.json` (summary.eta_check), what the bar predicted for the remaining
 matrices once the first round of jobs was done (a decoder layer in layer order, one linear of each kind from
@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from common import command_line, record
+from bench.common import command_line, record
 
 
 def row(folder: Path) -> dict:
@@ -59,7 +59,7 @@ def main() -> int:
     p.add_argument("folders", nargs="+", type=Path, help="finished armor-prune output folders")
     args = p.parse_args()
     rows = [row(f) for f in args.folders]
-    record("eta_check", {"rows": rows}, markdown(rows, command_line("eta_check.py")))
+    record("eta_check", {"rows": rows}, markdown(rows, command_line("eta_check")))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Table of whole-model runs already made: perplexity, cost and the gap closed, from their own files.
 
-    python bench/gap_table.py --dense DENSE_EVAL.json --run sparsegpt=OUT_DIR:EVAL.json \
+    python -m bench.gap_table --dense DENSE_EVAL.json --run sparsegpt=OUT_DIR:EVAL.json \
         --run armor-fast=OUT_DIR:EVAL.json --run armor-fast-gram=OUT_DIR:EVAL.json
 
 EVAL.json: the output of `armor-eval ppl` (its last line is the JSON result); OUT_DIR: the pruned folder (its

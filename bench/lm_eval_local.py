@@ -1,7 +1,7 @@
 """lm-evaluation-harness on a small local task, dense vs ARMOR: `bench/lmeval/armor_local_mc.yaml` (40
 multiple-choice questions written for this repository, read from JSON lines; nothing is downloaded).
 
-    .venv/bin/python bench/lm_eval_local.py CHECKPOINT [--dense smollm2-135m] [--tasks armor_local_mc]
+    .venv/bin/python -m bench.lm_eval_local CHECKPOINT [--dense smollm2-135m] [--tasks armor_local_mc]
 
 Runs, from the repository root, `lm_eval --model vllm --model_args pretrained=DIR[,quantization=armor],...` for the
 dense model and the ARMOR checkpoint (vLLM loads the `armor` plugin through its entry point in every process it
@@ -22,10 +22,10 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from common import BIN, REPO, RESULTS, command_line, record, run
-
+from bench.common import BIN, REPO, RESULTS, command_line, record, run
+from bench.lmeval.questions import QUESTIONS
 from offline_prune.models import resolve_model
-from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
+from tools.vllm_server import VllmServer
 from vllm_armor import checkpoint_format as fmt
 
 TASKS_DIR = "bench/lmeval"
@@ -70,9 +70,6 @@ def figures(result: dict) -> str:
 
 def write_task_data() -> Path:
     """The local task's JSON lines (from bench/lmeval/questions.py) where armor_local_mc.yaml reads them."""
-    sys.path.insert(0, str(REPO / TASKS_DIR))
-    from questions import QUESTIONS
-
     path = RESULTS / "lmeval" / "armor_local_mc.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
@@ -97,7 +94,7 @@ def main() -> int:
                     env=ENV, timeout_s=900) as srv:
         served = f"model={armor},base_url={srv.base_url}/v1/completions,tokenizer_backend=huggingface,num_concurrent=1"
         runs["armor_served"] = lm_eval("armor_served", "local-completions", served, a.tasks)
-    command = command_line("lm_eval_local.py")
+    command = command_line("lm_eval_local")
     machine = (f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                f"load average {os.getloadavg()[0]:.1f}")
     payload = {"command": command, "machine": machine, "lm_eval": version("lm_eval"), "runs": runs}

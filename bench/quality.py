@@ -1,8 +1,8 @@
 """WikiText-2 perplexity of a model under every 2:4 method, side by side (issue: quality table).
 
-    .venv/bin/python bench/quality.py                       # the full protocol (hours on a 2-core CPU)
-    .venv/bin/python bench/quality.py --calib-samples 32 --calib-seqlen 512 --max-windows 20   # quicker
-    .venv/bin/python bench/quality.py --calib-samples 128 --calib-seqlen 512 --max-windows 40 --paper-time-factor 0 \
+    .venv/bin/python -m bench.quality                       # the full protocol (hours on a 2-core CPU)
+    .venv/bin/python -m bench.quality --calib-samples 32 --calib-seqlen 512 --max-windows 20   # quicker
+    .venv/bin/python -m bench.quality --calib-samples 128 --calib-seqlen 512 --max-windows 40 --paper-time-factor 0 \
         --sweep 0.03,0.06,0.125,0.25,0.5 --heldout --heldout-windows 20 --jobs 2      # the overhead sweep
 
 Every row states its cost: weight bytes against the dense model and A+B parameters per kept core value.
@@ -29,25 +29,35 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import platform
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from common import BIN, C4, REPO, RESULTS, WIKITEXT, armor_eval_ppl, command_line, record, run
+from bench.common import (
+    C4,
+    REPO,
+    RESULTS,
+    WIKITEXT,
+    armor_eval_ppl,
+    command_line,
+    cost_cells,
+    in_lanes,
+    lane_env,
+    loadavg,
+    prune_command,
+    record,
+    run,
+)
 
 log = logging.getLogger("bench.quality")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag-p")
 
 
 def prune_cmd(args, name: str, method: str, extra: list[str]) -> list[str]:
-    cmd = [str(BIN / "armor-prune"), args.model, str(args.work / name), "--method", method, "--calib",
-           f"c4:{args.calib}", "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-           "--seed", "0", *extra]
+    cmd = prune_command(args.model, args.work / name, args.calib, args.calib_samples, args.calib_seqlen,
+                        "--method", method, *extra)
     if method == "armor":
         cmd += ["--block-size", str(args.block_size), "--max-overhead", str(args.max_overhead)]
     return cmd
@@ -60,21 +70,9 @@ def prune(args, name: str, method: str, extra: list[str]) -> dict:
     if (out / "armor_report.json").exists():
         log.info("%s: reusing finished checkpoint %s", name, out)
     else:
-        run(cmd, _env(args))
+        run(cmd, lane_env(args.threads, args.jobs))
     report = json.loads((out / "armor_report.json").read_text())
     return {"dir": str(out), "command": report.get("command") or " ".join(cmd), "report": report}
-
-
-def _env(args) -> dict[str, str]:
-    """Each of the --jobs lanes gets threads / jobs torch threads."""
-    return {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // args.jobs))}
-
-
-def in_lanes(args, tasks: dict[str, Callable[[], dict]]) -> dict[str, dict]:
-    """Run the tasks (name -> thunk) --jobs at a time; results in the tasks' order."""
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {name: pool.submit(task) for name, task in tasks.items()}
-        return {name: future.result() for name, future in futures.items()}
 
 
 def ppl(args, name: str, model_dir: str, data: Path | None = None, windows: int | None = None) -> dict:
@@ -89,7 +87,8 @@ def ppl(args, name: str, model_dir: str, data: Path | None = None, windows: int 
         if cached.get("weights_sha256") == digest:
             log.info("%s: reusing perplexity from %s", name, cache)
             return cached
-    result = armor_eval_ppl(model_dir, data, args.ctx_len, windows, _env(args)) | {"weights_sha256": digest}
+    env = lane_env(args.threads, args.jobs)
+    result = armor_eval_ppl(model_dir, data, args.ctx_len, windows, env) | {"weights_sha256": digest}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
     return result
@@ -157,13 +156,6 @@ def gap_closed(results: dict, key: str) -> dict:
             for k, v in results.items() if k.startswith("armor") and key in v}
 
 
-def _cost(name: str, summary: dict) -> str:
-    """The row's cost cells: weight bytes / dense and A+B params / core values."""
-    if summary:
-        return f"{summary['bytes_ratio']:.3f} | {summary['ab_overhead']:.4f}"
-    return "1.000 | 0" if name == "dense" else "- | -"
-
-
 def cost_table(results: dict, key: str, title: str) -> list[str]:
     lines = [f"\n{title}\n", "| model | ppl | weight bytes / dense | A+B params / core values |",
              "| --- | --- | --- | --- |"]
@@ -171,7 +163,7 @@ def cost_table(results: dict, key: str, title: str) -> list[str]:
         if key not in res:
             continue
         s = res.get("report", {}).get("summary", {})
-        cost = _cost(name, s)
+        cost = cost_cells(name, s)
         lines.append(f"| {name} | {res[key]['ppl']:.2f} | {cost} |")
     return lines
 
@@ -235,17 +227,13 @@ def _plot_link(plot: Path) -> str:
     return f"`{path}`"
 
 
-def _loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
     today = dt.date.today().isoformat()
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads"
     lines = [
         f"\n## Quality: WikiText-2 perplexity of {args.model} under 2:4 methods ({today})\n",
         f"Machine: {machine}; {args.jobs} prune(s) or evaluation(s) at a time, {max(1, args.threads // args.jobs)} "
-        f"thread(s) each; load average at the start {args.load_start}, at the end {_loadavg()}. "
+        f"thread(s) each; load average at the start {args.load_start}, at the end {loadavg()}. "
         f"Command: `{command}`. Calibration: C4 {args.calib_samples} x {args.calib_seqlen} "
         f"tokens, seed 0; eval ctx_len {args.ctx_len}, windows {results['dense']['ppl']['windows']}. ARMOR fast: "
         f"{f'--iters {args.fast_iters}' if args.fast_iters else 'the CLI defaults (cap and plateau rule)'}; "
@@ -257,7 +245,7 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
         s = res.get("report", {}).get("summary", {})
         wall = f"{s['wall_seconds']:.0f}" if s else (f"{res['seconds']:.0f}" if "seconds" in res else "-")
         loss = f"{s['mean_loss_final_relative']:.4f}" if s else "-"
-        cost = _cost(name, s)
+        cost = cost_cells(name, s)
         lines.append(f"| {name} | {res['ppl']['ppl']:.2f} | {cost} | {wall} | {loss} |")
     for name, g in gap.items():
         lines.append(f"\nGap closed by {name} vs best other ({g['best_other']}): **{g['gap_closed']:.1%}**")
@@ -315,11 +303,11 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    args.load_start = _loadavg()
+    args.load_start = loadavg()
     fast = ["--optimizer", "fast"] + (["--iters", str(args.fast_iters)] if args.fast_iters else [])
     heldout = None
     if args.heldout:
-        from heldout import shakespeare_text
+        from bench.heldout import shakespeare_text
 
         heldout = shakespeare_text()
     rows = {"dense": partial(evaluated, args, heldout, "dense", {"dir": args.model})}
@@ -337,7 +325,7 @@ def main() -> int:
         rows[name] = partial(pruned_and_evaluated, sweep_args, heldout, name, "armor", gram)
     rows["armor-fast"] = partial(pruned_and_evaluated, args, heldout, "armor-fast", "armor", fast)
     rows |= {m: partial(pruned_and_evaluated, args, heldout, m, m, []) for m in BASELINES}
-    done = in_lanes(args, rows)
+    done = in_lanes(args.jobs, rows)
     order = ["dense", *BASELINES, "armor-fast", *(f"armor-oh{x:g}" for x in sorted(sweep)),
              *(f"armor-gram-oh{x:g}" for x in sorted(gram_sweep))]
     results: dict[str, dict] = {name: done[name] for name in order if name in done}
@@ -353,7 +341,7 @@ def main() -> int:
     if args.sweep:
         plot_sweep(args, results, args.plot)
     losses = layer_losses(results, [int(x) for x in args.layers.split(",")])
-    command = command_line("quality.py")
+    command = command_line("quality")
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "gap": gap,
                "layer_losses": losses, "seconds": time.time() - started}
     record("quality", payload, markdown(args, results, gap, losses, command))

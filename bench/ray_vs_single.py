@@ -1,6 +1,6 @@
 """Wall time of `armor-prune` with `--ray` (local instance, 2 workers) against the same command without it.
 
-    .venv/bin/python bench/ray_vs_single.py [--method armor] [--iters 3] [--repeats 2]
+    .venv/bin/python -m bench.ray_vs_single [--method armor] [--iters 3] [--repeats 2]
 
 Runs the same command alternately without and with `--ray` (`--repeats` times each, fresh output folders),
 checks that every `--ray` checkpoint is byte-identical to the single-process one, and reports whole-command
@@ -23,14 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-from common import BIN, C4, RESULTS, command_line, record, run
+from bench.common import C4, RESULTS, command_line, prune_command, record, run
 
 log = logging.getLogger("bench.ray_vs_single")
 
 
-def run_once(base: list[str], out: Path, ray: bool) -> dict:
+def prune_cmd(a: argparse.Namespace, out: Path) -> list[str]:
+    return prune_command(a.model, out, C4, a.calib_samples, a.calib_seqlen, "--method", a.method,
+                         "--iters", str(a.iters), "--block-size", str(a.block_size))
+
+
+def run_once(a: argparse.Namespace, out: Path, ray: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [*base[:2], str(out), *base[2:]] + (["--ray"] if ray else [])
+    cmd = prune_cmd(a, out) + (["--ray"] if ray else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if ray else None  # Ray workers: 1 thread each
     start = time.perf_counter()
     run(cmd, env)
@@ -55,24 +60,22 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=RESULTS / "ray_vs_single")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    base = [str(BIN / "armor-prune"), a.model, "--method", a.method, "--iters", str(a.iters),
-            "--block-size", str(a.block_size), "--calib", f"c4:{C4}",
-            "--calib-samples", str(a.calib_samples), "--calib-seqlen", str(a.calib_seqlen), "--seed", "0"]
     runs: dict[str, list[dict]] = {"single": [], "ray": []}
     identical = True
     for i in range(a.repeats):
         single_dir, ray_dir = a.work / f"single-{i}", a.work / f"ray-{i}"
-        runs["single"].append(run_once(base, single_dir, ray=False))
-        runs["ray"].append(run_once(base, ray_dir, ray=True))
+        runs["single"].append(run_once(a, single_dir, ray=False))
+        runs["ray"].append(run_once(a, ray_dir, ray=True))
         same = filecmp.cmp(single_dir / "model.safetensors", ray_dir / "model.safetensors", shallow=False)
         identical &= same
         log.info("repeat %d: single %.1f s, ray %.1f s, identical %s", i, runs["single"][-1]["wall_s"],
                  runs["ray"][-1]["wall_s"], same)
     median = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}
-    command = command_line("ray_vs_single.py")
+    command = command_line("ray_vs_single")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
-    payload = {"command": command, "machine": machine, "argv": base, "runs": runs, "median_wall_s": median,
-               "ray_over_single": median["ray"] / median["single"], "byte_identical": identical}
+    payload = {"command": command, "machine": machine, "argv": prune_cmd(a, Path("OUT")), "runs": runs,
+               "median_wall_s": median, "ray_over_single": median["ray"] / median["single"],
+               "byte_identical": identical}
     line = (f"\n## `--ray` vs single process ({dt.date.today().isoformat()})\n\n- {machine}, `{command}` "
             f"(`armor-prune {a.model} --method {a.method} --iters {a.iters} --block-size {a.block_size}`, "
             f"C4 {a.calib_samples} x {a.calib_seqlen}; `--ray` = local instance, 2 workers x 1 thread): "

@@ -5,7 +5,7 @@ For each shape, one job is timed at two iteration counts and the difference is d
 `armor_prune(..., optimizer=OPT)`; without it, a stand-in of one ARMOR iteration (the block-diagonal products
 A (W' * M) B, the proxy loss, its backward and an Adam step on A, B, W'), and says so in every line.
 
-    .venv/bin/python bench/scaling.py --device cpu --threads 1 --shapes 576x576 1536x576 2048x2048 4096x4096
+    .venv/bin/python -m bench.scaling --device cpu --threads 1 --shapes 576x576 1536x576 2048x2048 4096x4096
 
 Prints one JSON line per shape with seconds per iteration and c = seconds / (d_out * d_in * (b_out + b_in)),
 the constant of the scaling rule t_iter ~ c * d_out * d_in * (b_out + b_in); writes them all to
@@ -25,8 +25,8 @@ import statistics
 import time
 
 import torch
-from common import command_line, record
 
+from bench.common import command_line, record
 from offline_prune.methods.armor import largest_block_size
 
 log = logging.getLogger("bench.scaling")
@@ -115,7 +115,7 @@ def main() -> None:
 
 
 def write_results(rows: list[dict], a: argparse.Namespace) -> None:
-    command = command_line("scaling.py")
+    command = command_line("scaling")
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                f"load average {os.getloadavg()[0]:.1f}")
     if a.device.startswith("cuda"):

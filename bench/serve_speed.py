@@ -1,7 +1,7 @@
 """Start-up time, output tokens/s, time to first token and weight bytes of a served ARMOR checkpoint next to
 a dense model, same run.
 
-    .venv/bin/python bench/serve_speed.py ARMOR_DIR [--dense-dir DIR] [--eager] [--tokens 128] [--factored]
+    .venv/bin/python -m bench.serve_speed ARMOR_DIR [--dense-dir DIR] [--eager] [--tokens 128] [--factored]
 
 For each variant (ARMOR with `--quantization armor` and the default kernel, `auto`: the CPU 2:4 kernel
 `sparse24_cpu` where it builds; ARMOR with `VLLM_ARMOR_KERNEL=dense`, the fold; the dense model: `--dense-dir`,
@@ -28,12 +28,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import WIKITEXT, command_line, record
-
-from tools.fold import fold_checkpoint  # noqa: E402 - after common puts the repo on sys.path
-from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
-from vllm_armor import checkpoint_format as cf  # noqa: E402
-from vllm_armor.kernels.sparse24_cpu import packed_numel, padded_rows  # noqa: E402
+from bench.common import WIKITEXT, command_line, record
+from tools.fold import fold_checkpoint
+from tools.vllm_server import VllmServer
+from vllm_armor import checkpoint_format as cf
+from vllm_armor.kernels.sparse24_cpu import packed_numel, padded_rows
 
 log = logging.getLogger("bench.serve_speed")
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -144,7 +143,7 @@ def main() -> None:
                         weight_bytes=held, rounds=runs[name])) for name, _, _, _, held in variants]
     dense = rows[2][1]
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
-    command = command_line("serve_speed.py")
+    command = command_line("serve_speed")
     out = [
         f"\n## Serving speed, ARMOR vs dense ({dt.date.today().isoformat()})\n",
         f"Machine: {machine}. Command: `{command}`. vLLM CPU backend, {mode}, {args.tokens} output tokens "

@@ -1,7 +1,7 @@
 """The served model is the evaluated model: WikiText-2 perplexity through a running `vllm serve` against
 `armor-eval ppl`, same windows, same protocol.
 
-    .venv/bin/python bench/served_ppl.py CHECKPOINT [--ctx-len 2048] [--max-windows 40]
+    .venv/bin/python -m bench.served_ppl CHECKPOINT [--ctx-len 2048] [--max-windows 40]
 
 Starts `vllm serve CHECKPOINT --quantization armor`, sends every evaluation window as a token-id prompt with
 `prompt_logprobs=0` and sums the next-token NLL; runs `armor-eval ppl` (offline fp32 `ArmorLinear`) on the
@@ -19,11 +19,11 @@ import platform
 import sys
 from pathlib import Path
 
-from common import WIKITEXT, armor_eval_ppl, command_line, record
 from transformers import AutoTokenizer
 
+from bench.common import WIKITEXT, armor_eval_ppl, command_line, record
 from offline_prune.evaluate import test_windows
-from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
+from tools.vllm_server import VllmServer
 
 
 def served_ppl(checkpoint: Path, windows, ctx_len: int) -> float:
@@ -45,7 +45,7 @@ def main() -> int:
     served = served_ppl(a.checkpoint, windows, a.ctx_len)
     offline = armor_eval_ppl(a.checkpoint, a.data, a.ctx_len, a.max_windows)
     ratio = served / offline["ppl"]
-    command = command_line("served_ppl.py")
+    command = command_line("served_ppl")
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores"
     payload = {"command": command, "machine": machine, "windows": int(windows.shape[0]), "ctx_len": a.ctx_len,
                "served_ppl": served, "offline": offline, "ratio": ratio}

@@ -1,6 +1,6 @@
 """Soak test of a real `vllm serve` of an ARMOR checkpoint under concurrent load.
 
-    .venv/bin/python bench/soak.py ARMOR_DIR [--minutes 10] [--clients 8] [--max-model-len 512]
+    .venv/bin/python -m bench.soak ARMOR_DIR [--minutes 10] [--clients 8] [--max-model-len 512]
 
 Starts `vllm serve ARMOR_DIR --quantization armor` on 127.0.0.1 (tools/vllm_server.py), asks a fixed set of greedy
 prompts once, alone (the reference), then runs ``--clients`` OpenAI clients for ``--minutes``, each in a bounded loop
@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-from common import RESULTS, command_line, record
 
-from tools.vllm_server import VllmServer  # noqa: E402 - after common puts the repo on sys.path
+from bench.common import RESULTS, command_line, record
+from tools.vllm_server import VllmServer
 
 log = logging.getLogger("bench.soak")
 GREEDY_PROMPTS = [
@@ -209,7 +209,7 @@ def main() -> None:
     result = run(args)
     now = datetime.now(UTC)
     machine = f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load average {' '.join(load)}"
-    payload = {"command": command_line("soak.py"), "machine": machine, "date": now.isoformat(timespec="seconds"),
+    payload = {"command": command_line("soak"), "machine": machine, "date": now.isoformat(timespec="seconds"),
                "minutes": args.minutes, "clients": args.clients, "max_model_len": args.max_model_len,
                "roles": list(ROLES[: args.clients]), **result}
     if args.no_record:

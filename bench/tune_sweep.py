@@ -1,6 +1,6 @@
 """Block tuning settings side by side: one set of ARMOR jobs, tuned with each (epochs, lr), then perplexity.
 
-    .venv/bin/python bench/tune_sweep.py --settings 0:1e-4,1:1e-4,1:3e-4,1:1e-3,2:3e-4 --jobs 2 \
+    .venv/bin/python -m bench.tune_sweep --settings 0:1e-4,1:1e-4,1:3e-4,1:1e-3,2:3e-4 --jobs 2 \
         --reference sparsegpt=out/quality128_15/sparsegpt --ppl-work out/quality128_15
 
 1. The jobs: `armor-prune` with the defaults into WORK/jobs, stopped once block tuning has begun (the prune's own
@@ -30,9 +30,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import quality
-from common import BIN, C4, WIKITEXT, command_line, record
-from heldout import shakespeare_text
+from bench import common, quality
+from bench.heldout import shakespeare_text
 
 log = logging.getLogger("bench.tune_sweep")
 PAUSE_AT = "tuning:1"
@@ -40,9 +39,8 @@ PAUSE_MARK = "ARMOR_PRUNE_PAUSED"  # offline_prune.progress.PAUSE_MARK (the benc
 
 
 def prune_cmd(args, out: Path, extra: list[str]) -> list[str]:
-    return [str(BIN / "armor-prune"), args.model, str(out), "--calib", f"c4:{args.calib}", "--calib-samples",
-            str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--seed", "0", "--device", "cpu",
-            *extra]
+    return common.prune_command(args.model, out, args.calib, args.calib_samples, args.calib_seqlen,
+                                "--device", "cpu", *extra)
 
 
 def jobs_until_tuning(args) -> Path:
@@ -50,7 +48,7 @@ def jobs_until_tuning(args) -> Path:
     out = args.work / "jobs"
     if (out / "armor_report.json").exists():
         raise SystemExit(f"{out} is a finished run (its jobs' progress is gone): remove it and rerun")
-    env = {**quality._env(args), "OMP_NUM_THREADS": str(args.threads), "ARMOR_PRUNE_PAUSE_AT": PAUSE_AT}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "ARMOR_PRUNE_PAUSE_AT": PAUSE_AT}
     cmd = prune_cmd(args, out, [])
     log.info("$ %s  (until block tuning begins)", " ".join(cmd))
     begun = time.perf_counter()
@@ -74,7 +72,8 @@ def tuned(args, jobs: Path, epochs: str, lr: str) -> dict:
     if not (out / "armor_report.json").exists():
         if not out.exists():
             shutil.copytree(jobs, out)
-        quality.run(prune_cmd(args, out, ["--tune-epochs", epochs, "--tune-lr", lr]), quality._env(args))
+        cmd = prune_cmd(args, out, ["--tune-epochs", epochs, "--tune-lr", lr])
+        common.run(cmd, common.lane_env(args.threads, args.jobs))
     report = json.loads((out / "armor_report.json").read_text())
     return {"name": name, "epochs": float(epochs), "lr": float(lr), "dir": str(out), "report": report}
 
@@ -96,7 +95,7 @@ def markdown(args, rows: list[dict], refs: dict[str, dict], load_start: str, com
     lines = [
         f"\n## Block tuning settings, one set of ARMOR jobs ({dt.date.today().isoformat()})\n",
         f"Machine: {platform.machine()}, {args.threads} threads, {args.jobs} prune(s) or evaluation(s) at a time; "
-        f"load average at the start {load_start}, at the end {quality._loadavg()}. Command: `{command}`. "
+        f"load average at the start {load_start}, at the end {common.loadavg()}. Command: `{command}`. "
         f"Calibration C4 {args.calib_samples} x {args.calib_seqlen}, seed 0; ARMOR at the CLI defaults; "
         f"WikiText-2 {w} windows of {args.ctx_len}, held-out {args.heldout_name} {args.heldout_windows} windows. "
         f"Gap closed against {ref_name}. Tuning seconds: wall time of the tuning phase on the loaded machine.\n",
@@ -106,7 +105,7 @@ def markdown(args, rows: list[dict], refs: dict[str, dict], load_start: str, com
     ]
     for name, r in refs.items():
         wiki, held = r["ppl"]["wikitext"]["ppl"], r["ppl"]["heldout"]["ppl"]
-        cost = quality._cost(name, r.get("summary", {}))
+        cost = common.cost_cells(name, r.get("summary", {}))
         lines.append(f"| {name} | - | - | {wiki:.2f} | {held:.2f} | - | {cost} | - | - |")
     for r in rows:
         s = r["report"]["summary"]
@@ -116,7 +115,7 @@ def markdown(args, rows: list[dict], refs: dict[str, dict], load_start: str, com
         t = s.get("tuning") or {}
         seconds = s["phase_seconds"].get("tuning")
         lines.append(f"| ARMOR | {r['epochs']:g} | {r['lr']:g} | {wiki:.2f} | {held:.2f} | {g} "
-                     f"| {quality._cost('armor', s)} | {f'{seconds:.0f}' if seconds else '-'} "
+                     f"| {common.cost_cells('armor', s)} | {f'{seconds:.0f}' if seconds else '-'} "
                      f"| {t.get('mean_error_ratio') or '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -126,12 +125,12 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--work", type=Path, default=Path("out/sweep"))
     p.add_argument("--ppl-work", type=Path, default=None, help="where the ppl cache lives (default: --work)")
-    p.add_argument("--calib", type=Path, default=C4)
+    p.add_argument("--calib", type=Path, default=common.C4)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--settings", default="0:1e-4,1:1e-4,1:3e-4,1:1e-3", help="EPOCHS:LR,... block tuning settings")
     p.add_argument("--reference", action="append", default=[], help="NAME=DIR of a pruned model (first: gap ref)")
-    p.add_argument("--data", type=Path, default=WIKITEXT)
+    p.add_argument("--data", type=Path, default=common.WIKITEXT)
     p.add_argument("--ctx-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--heldout-windows", type=int, default=10)
@@ -141,12 +140,12 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.ppl_work = args.ppl_work or args.work
     args.work.mkdir(parents=True, exist_ok=True)
-    load_start = quality._loadavg()
+    load_start = common.loadavg()
     heldout = shakespeare_text()
     args.heldout_name = heldout.stem
     settings = [s.split(":") for s in args.settings.split(",")]
     jobs = jobs_until_tuning(args)
-    rows = list(quality.in_lanes(args, {f"{e}:{lr}": (lambda e=e, lr=lr: tuned(args, jobs, e, lr))
+    rows = list(common.in_lanes(args.jobs, {f"{e}:{lr}": (lambda e=e, lr=lr: tuned(args, jobs, e, lr))
                                         for e, lr in settings}).values())
     refs = {"dense": {"dir": args.model}} | {n: {"dir": d} for n, d in (r.split("=", 1) for r in args.reference)}
     for ref in refs.values():
@@ -154,7 +153,7 @@ def main() -> int:
         ref["summary"] = json.loads(report.read_text())["summary"] if report.exists() else {}
     tasks = {r["name"]: (lambda r=r: evaluated(args, heldout, r["name"], r["dir"])) for r in rows}
     tasks |= {n: (lambda n=n, d=ref["dir"]: evaluated(args, heldout, n, d)) for n, ref in refs.items()}
-    ppls = quality.in_lanes(args, tasks)
+    ppls = common.in_lanes(args.jobs, tasks)
     for r in rows:
         r["ppl"] = ppls[r["name"]]
     for name, ref in refs.items():
@@ -163,7 +162,7 @@ def main() -> int:
         raise SystemExit("--reference NAME=DIR is needed for the gap closed")
     payload = {"rows": [{k: v for k, v in r.items() if k != "report"} | {"summary": r["report"]["summary"]}
                         for r in rows], "references": refs, "load_start": load_start}
-    record("tune_sweep", payload, markdown(args, rows, refs, load_start, command_line("tune_sweep.py")))
+    common.record("tune_sweep", payload, markdown(args, rows, refs, load_start, common.command_line("tune_sweep")))
     return 0
 
 

@@ -26,6 +26,8 @@ from safetensors import safe_open
 
 from offline_prune.progress import PAUSE_ENV, PAUSE_MARK, PROGRESS_DIR
 
+pytestmark = pytest.mark.slow  # each test runs (and kills, and reruns) armor-prune subprocesses: minutes in all
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = "out"  # relative to each test's working folder: the command line (kept in the report) is the same everywhere
 TIMINGS = {"seconds", "job_seconds", "wall_seconds", "phase_seconds", "eta_check"}

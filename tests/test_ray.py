@@ -27,6 +27,8 @@ ray = pytest.importorskip("ray", reason="the 'distributed' extra (Ray) is not in
 
 from offline_prune.distributed import JobLostError, RayExecutor, RayOptions  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a local Ray instance; `make test-fast` leaves these out
+
 # ARMOR once offline_prune/methods/armor.py exists; until then NoWag-P goes through the same jobs and pipeline.
 METHOD = "armor" if importlib.util.find_spec("offline_prune.methods.armor") else "nowag-p"
 VICTIM = "model.layers.0.self_attn.o_proj"
