@@ -14,7 +14,7 @@ DEMO_OUT ?= out/smollm2-armor
 DEMO_BUDGET ?= 150s
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo demo-prune demo-eval demo-serve test lint serve clean
+.PHONY: setup demo demo-prune demo-eval demo-serve test lint serve clean docker-test
 
 setup: $(VENV)/.setup-done
 
@@ -62,6 +62,11 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q -rs
+
+# Build deploy/Dockerfile.cpu (serve and prune) with a real container runtime (rootful podman, installed with
+# apt where missing) and check the images end to end on the bundled model (tools/docker_test.py, deploy/README.md).
+docker-test: setup
+	$(PY) -m tools.docker_test --data $(DATA)
 
 lint: setup
 	$(VENV)/bin/ruff check .
