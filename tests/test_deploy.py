@@ -516,7 +516,8 @@ def test_docker_test_compose_override_only_adds_eager_mode_and_the_host_nofile_l
     flag_, path = compose_override(tmp_path)
     override = yaml.safe_load(Path(path).read_text())
     assert flag_ == "-f" and override == {"services": {"armor-cpu": {
-        "command": ["--enforce-eager"], "ulimits": {"nofile": {"soft": 20000, "hard": 20000}}}}}
+        "command": ["--enforce-eager"], "ulimits": {"nofile": {"soft": 20000, "hard": 20000},
+                                                 "nproc": {"soft": 32768, "hard": 32768}}}}}
     monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, resource.RLIM_INFINITY))
     override = yaml.safe_load(Path(compose_override(tmp_path)[1]).read_text())
     assert override == {"services": {"armor-cpu": {"command": ["--enforce-eager"]}}}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from tools.podman_env import Podman
+from tools.podman_env import ULIMITS, Podman
 
 log = logging.getLogger("tools.docker_serve_checks")
 
@@ -161,7 +161,10 @@ def compose_override(work: Path) -> list[str]:
     lines = ["services:", "  armor-cpu:", f"    command: {json.dumps(SERVE_FLAGS[:1])}"]
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 65535:
-        lines += ["    ulimits:", f"      nofile: {{soft: {hard}, hard: {hard}}}"]
+        # With `ulimits` given, podman drops containers.conf's default_ulimits and sets nproc over what runc may
+        # set here ("error setting rlimit type 6"): the override sets both to this test's podman defaults.
+        lines.append("    ulimits:")
+        lines += [f"      {name}: {{soft: {value}, hard: {value}}}" for name, value in ULIMITS.items()]
         log.info("compose: this machine's hard nofile limit is %d < 65535: the override lowers it", hard)
     override = work / "compose.docker-test.yaml"
     override.write_text("\n".join(lines) + "\n")

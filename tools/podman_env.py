@@ -22,9 +22,10 @@ APT_PACKAGES = ["podman", "runc", "buildah", "netavark", "aardvark-dns", "iptabl
                 "uidmap"]
 # crun fails on this kind of machine ("cgroups in hybrid mode not supported"); podman's default ulimits fail
 # `podman run` with "error setting rlimit type 7: operation not permitted"; no systemd/journald here.
-CONTAINERS_CONF = """\
+ULIMITS = {"nofile": 20000, "nproc": 32768}
+CONTAINERS_CONF = f"""\
 [containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+default_ulimits = [{", ".join(f'"{k}={v}:{v}"' for k, v in ULIMITS.items())}]
 
 [engine]
 runtime = "runc"
