@@ -14,7 +14,7 @@ DEMO_OUT ?= out/smollm2-armor
 DEMO_BUDGET ?= 150s
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup demo demo-prune demo-eval demo-serve test test-fast lint serve clean
+.PHONY: setup demo demo-prune demo-eval demo-serve test test-fast lint serve clean docker-test
 
 setup: $(VENV)/.setup-done
 
@@ -67,6 +67,11 @@ test: setup
 # vLLM servers; `e2e` tests count as slow), a few minutes on 2 cores. `make test` runs them all.
 test-fast: setup
 	$(PY) -m pytest -q -rs -m "not slow"
+
+# Build deploy/Dockerfile.cpu (serve and prune) with a real container runtime (rootful podman, installed with
+# apt where missing) and check the images end to end on the bundled model (tools/docker_test.py, deploy/README.md).
+docker-test: setup
+	$(PY) -m tools.docker_test --data $(DATA)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -3,7 +3,6 @@ entrypoint run directly on this machine against a real ARMOR checkpoint."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -15,11 +14,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-import dockerfile
 import pytest
 import requests
 import yaml
@@ -29,6 +26,15 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+from tools.dockerfile_rules import (
+    ENTRYPOINT_IN_IMAGE,
+    copies_from_context,
+    dockerfile_problems,
+    dockerignore_allows,
+    flag,
+    stages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,128 +49,13 @@ DOCKERFILES = {"gpu": DEPLOY / "Dockerfile", "cpu": DEPLOY / "Dockerfile.cpu"}
 PORT = 8000
 MODEL_PATH = "/models/model"
 PROBE_PATH = "/health"
-ENTRYPOINT_IN_IMAGE = "/usr/local/bin/armor-entrypoint"
 HEALTHCHECK_IN_IMAGE = "/usr/local/bin/armor-healthcheck"
 SCRIPTS_IN_IMAGE = {"deploy/entrypoint.sh": ENTRYPOINT_IN_IMAGE, "deploy/healthcheck.py": HEALTHCHECK_IN_IMAGE}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Dockerfile model and rules
+# Dockerfile rules (tools/dockerfile_rules.py) on the shipped Dockerfiles
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    commands: list[dockerfile.Command] = field(default_factory=list)
-
-    def of(self, cmd: str) -> list[dockerfile.Command]:
-        return [c for c in self.commands if c.cmd == cmd]
-
-    def env(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for c in self.of("ENV"):
-            out.update(zip(c.value[::2], c.value[1::2], strict=True))
-        return out
-
-
-def stages(text: str) -> list[Stage]:
-    """Split a parsed Dockerfile into stages (commands before the first FROM, i.e. global ARGs, are dropped)."""
-    result: list[Stage] = []
-    for command in dockerfile.parse_string(text):
-        if command.cmd == "FROM":
-            value = command.value
-            name = value[2] if len(value) == 3 and value[1].upper() == "AS" else None
-            result.append(Stage(base=value[0], name=name))
-        elif result:
-            result[-1].commands.append(command)
-    return result
-
-
-def flag(command: dockerfile.Command, name: str) -> str | None:
-    for f in command.flags:
-        if f.startswith(f"--{name}="):
-            return f.split("=", 1)[1]
-    return None
-
-
-PINNED_TAG = re.compile(r":v?\d+\.\d+(\.\d+)?([.-][\w.-]+)?$")
-
-
-def dockerfile_problems(text: str) -> list[str]:
-    """Violations of the image rules; empty when the Dockerfile is acceptable."""
-    problems: list[str] = []
-    all_stages = stages(text)
-    if not all_stages:
-        return ["no FROM"]
-    names = {s.name for s in all_stages if s.name}
-    for s in all_stages:
-        if s.base in names:
-            continue
-        if "@sha256:" in s.base:
-            continue
-        if s.base.endswith(":latest") or ":" not in s.base.rsplit("/", 1)[-1]:
-            problems.append(f"base image {s.base} is not pinned (no tag or 'latest')")
-        elif not PINNED_TAG.search(s.base):
-            problems.append(f"base image {s.base} has no explicit version in its tag")
-    for s in all_stages:
-        for c in s.of("ADD"):
-            if any(re.match(r"^(https?|git|ftp)://|^git@", v) for v in c.value[:-1]):
-                problems.append(f"line {c.start_line}: ADD of a URL ({c.original})")
-    syntax = re.match(r"#\s*syntax=(\S+)", text)
-    if syntax and not PINNED_TAG.search(syntax.group(1)):
-        problems.append(f"frontend {syntax.group(1)} is not pinned to a version")
-    final = all_stages[-1]
-    users = _effective_users(all_stages, final)
-    if not users or users[-1].split(":")[0] in ("root", "0"):
-        problems.append("final stage does not switch to a non-root USER")
-    healthchecks = final.of("HEALTHCHECK")
-    if not healthchecks or healthchecks[-1].value[0].upper() != "CMD":
-        problems.append("final stage has no HEALTHCHECK CMD")
-    entrypoints = final.of("ENTRYPOINT")
-    if not entrypoints or not entrypoints[-1].json or entrypoints[-1].value[0] != ENTRYPOINT_IN_IMAGE:
-        problems.append(f"final stage ENTRYPOINT is not exec-form [{ENTRYPOINT_IN_IMAGE!r}]")
-    return sorted(set(problems))
-
-
-def _effective_users(all_stages: list[Stage], stage: Stage) -> list[str]:
-    """USER instructions in effect for ``stage``, following FROM <earlier stage> chains."""
-    by_name = {s.name: s for s in all_stages if s.name}
-    chain = [stage]
-    while chain[-1].base in by_name:
-        chain.append(by_name[chain[-1].base])
-    return [c.value[0] for s in reversed(chain) for c in s.of("USER")]
-
-
-def copies_from_context(stage: Stage) -> list[tuple[str, str]]:
-    """(source, destination) of every COPY/ADD of the build context (not --from another stage)."""
-    out = []
-    for c in stage.of("COPY") + stage.of("ADD"):
-        if flag(c, "from") is None:
-            out.extend((src, c.value[-1]) for src in c.value[:-1])
-    return out
-
-
-def dockerignore_allows(patterns: list[str], path: str) -> bool:
-    """Docker's .dockerignore semantics for one path: the last matching pattern wins, '!' re-includes, and a
-    pattern that matches a parent folder matches everything below it."""
-    parts = path.strip("/").split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    included = True
-    for raw in patterns:
-        pattern = raw.strip()
-        if not pattern or pattern.startswith("#"):
-            continue
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").strip("/")
-        if pattern.startswith("**/"):
-            hit = any(fnmatch.fnmatchcase(c.rsplit("/", 1)[-1], pattern[3:]) for c in candidates)
-        else:
-            hit = any(fnmatch.fnmatchcase(c, pattern) and c.count("/") == pattern.count("/") for c in candidates)
-        if hit:
-            included = negate
-    return included
 
 
 @pytest.fixture(scope="module", params=sorted(DOCKERFILES))
@@ -595,3 +486,67 @@ def test_entrypoint_serves_health_and_chat(served_by_entrypoint):
     # vLLM's engine config line: the armor method is in use and the passed-through argument took effect.
     server_log = served_by_entrypoint["log"].read_text()
     assert "quantization=armor," in server_log and "max_seq_len=1024," in server_log
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `make docker-test` (tools/docker_test.py): the parts that run without a container runtime. The images
+# themselves are built and run by `make docker-test` (.ci/run), not by pytest.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_docker_test_reads_base_torch_pin_and_uid_from_the_cpu_dockerfile():
+    from tools.docker_serve_checks import CheckFailed
+    from tools.docker_test import dockerfile_facts
+
+    facts = dockerfile_facts(DOCKERFILES["cpu"].read_text())
+    assert facts == {"base": "python:3.11.13-slim-bookworm", "torch": "torch==2.13.0+cpu", "uid": "10001"}
+    two_bases = "FROM python:3.11.13-slim AS a\nFROM debian:12.5 AS b\nARG ARMOR_UID=1\n"
+    with pytest.raises(CheckFailed, match="one external base image"):
+        dockerfile_facts(two_bases)
+    with pytest.raises(CheckFailed, match="torch"):
+        dockerfile_facts("FROM python:3.11.13-slim AS a\nARG ARMOR_UID=1\nRUN pip install vllm\n")
+
+
+def test_docker_test_compose_override_only_adds_eager_mode_and_the_host_nofile_limit(tmp_path, monkeypatch):
+    import resource
+
+    from tools.docker_serve_checks import compose_override
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 20000))
+    flag_, path = compose_override(tmp_path)
+    override = yaml.safe_load(Path(path).read_text())
+    assert flag_ == "-f" and override == {"services": {"armor-cpu": {
+        "command": ["--enforce-eager"], "ulimits": {"nofile": {"soft": 20000, "hard": 20000},
+                                                 "nproc": {"soft": 32768, "hard": 32768}}}}}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, resource.RLIM_INFINITY))
+    override = yaml.safe_load(Path(compose_override(tmp_path)[1]).read_text())
+    assert override == {"services": {"armor-cpu": {"command": ["--enforce-eager"]}}}
+
+
+def test_docker_test_fails_with_one_line_when_the_runtime_cannot_start(tmp_path, monkeypatch, capsys):
+    """A podman that cannot start (here: one that fails every command the way a broken install does) stops
+    docker-test at once with exit 1 and a single line naming the reason; nothing is skipped silently."""
+    from tools import docker_test
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("runc", "mmdebstrap"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "podman").write_text("#!/bin/sh\necho 'Error: cannot open storage: permission denied' >&2\n"
+                                    "exit 125\n")
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert docker_test.main(["--podman-home", str(tmp_path / "home")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["docker-test: container runtime unavailable: podman cannot start here: "
+                   "Error: cannot open storage: permission denied"]
+
+
+def test_docker_test_refuses_to_install_without_root(monkeypatch):
+    from tools import podman_env
+
+    monkeypatch.setattr(podman_env.shutil, "which", lambda tool: None if tool == "podman" else f"/usr/bin/{tool}")
+    monkeypatch.setattr(podman_env.os, "geteuid", lambda: 1000)
+    with pytest.raises(podman_env.RuntimeUnavailable, match="podman missing and cannot be installed here"):
+        podman_env.ensure_installed()
