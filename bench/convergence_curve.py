@@ -173,7 +173,8 @@ def one_run(args: argparse.Namespace, points: list[Point]) -> None:
     """Prune once at --one-run iterations; leave every shorter point's folder with its finished progress."""
     from offline_prune.cli import prune_args, prune_parser
     from offline_prune.executor import PoolExecutor
-    from offline_prune.pipeline import _run_key, prune
+    from offline_prune.pipeline import prune
+    from offline_prune.run_args import run_key
 
     main = Point.cap(args.one_run)
     todo = [p for p in points if p != main and not (args.work / p.folder / "armor_report.json").exists()]
@@ -185,7 +186,7 @@ def one_run(args: argparse.Namespace, points: list[Point]) -> None:
     executor = PoolExecutor(args.workers, partial(snapshot_job, rules=[p.rule for p in todo],
                                                   folders=[args.work / p.folder for p in todo]))
     for p in todo:  # each folder is an unfinished run of its own command, so that command resumes it
-        Progress(args.work / p.folder, _run_key(prune_args(prune_parser().parse_args(point_argv(args, p))), executor),
+        Progress(args.work / p.folder, run_key(prune_args(prune_parser().parse_args(point_argv(args, p))), executor),
                  False)
     argv = point_argv(args, main)
     prune(prune_args(prune_parser().parse_args(argv)), executor=executor, command=shlex.join(["armor-prune", *argv]))

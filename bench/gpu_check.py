@@ -1,4 +1,4 @@
-"""The prepared first check of the GPU path on one H100/H200: `python bench/gpu_check.py OUT` (at most ~8 minutes,
+"""The prepared first check of the GPU path on one H100/H200: `python -m bench.gpu_check OUT` (at most ~8 minutes,
 no network, no vLLM; the project installed with `pip install --no-deps -e .`; torch 2.11+ with CUDA, Triton 3.6+).
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md (rewritten after every part, so a cut run keeps what finished):
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import logging
 import os
@@ -59,8 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--parts: unknown {', '.join(unknown)} (choose from {', '.join(PARTS)})")
     return args
 
-
-# -- timing -----------------------------------------------------------------------------------------------
 
 def time_eager(calls: list[Callable[[], torch.Tensor]], reps: int, repeats: int = 5) -> float:
     """Median microseconds per call of the cycled calls, CUDA events around `reps` rounds."""
@@ -100,8 +99,6 @@ def time_graph(graph: torch.cuda.CUDAGraph, n_calls: int, reps: int, repeats: in
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
 
-
-# -- layers -----------------------------------------------------------------------------------------------
 
 def random_shard(d_out: int, d_in: int, with_ab: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Format tensors of one random 2:4 linear on the GPU (A/B near identity at the `auto` block sizes)."""
@@ -204,8 +201,6 @@ def part_gemv_sweep(args: argparse.Namespace, deadline: float) -> dict:
     return result
 
 
-# -- a ~1B Llama in transformers ---------------------------------------------------------------------------
-
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -257,8 +252,6 @@ def part_model(args: argparse.Namespace, deadline: float) -> dict:
     return result
 
 
-# -- the optimiser ----------------------------------------------------------------------------------------
-
 def seconds_per_iteration(shape: tuple[int, int], device: str, iters: tuple[int, int] = (2, 12)) -> float:
     """The ARMOR fast optimiser's time per iteration on one random matrix: the difference of two capped runs."""
     from offline_prune.methods import get_method
@@ -296,8 +289,6 @@ def part_tests(args: argparse.Namespace, deadline: float) -> dict:
     return {"returncode": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:],
             "failures": [ln for ln in lines if ln.startswith("FAILED")][:20]}
 
-
-# -- tables -----------------------------------------------------------------------------------------------
 
 def _ratio(dense: dict, other: dict, key: str = "graph_us") -> str:
     if key not in dense or key not in other:
@@ -371,10 +362,8 @@ def write_outputs(out: Path, results: dict) -> None:
 
 def environment() -> dict:
     try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         triton_version = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"device": device, "torch": torch.__version__, "triton": triton_version,

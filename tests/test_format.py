@@ -7,8 +7,8 @@ import argparse
 import pytest
 import torch
 
+from offline_prune.errors import UserError
 from offline_prune.methods.armor import ab_overhead, auto_block_sizes, block_size_arg, largest_block_size
-from offline_prune.models import UserError
 from offline_prune.proxy import top2_of_4_mask
 from vllm_armor import checkpoint_format as fmt
 from vllm_armor.blockdiag import blockdiag_dense

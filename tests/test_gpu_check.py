@@ -3,23 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.gpu_check")
 
 
 def test_arguments(gpu_check, tmp_path):

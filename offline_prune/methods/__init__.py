@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
 from offline_prune.statistics import InputStats
 
 

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from offline_prune.models import UserError
+from offline_prune.errors import UserError
 from vllm_armor.checkpoint_format import GROUP
 
 AUTO = "auto"
