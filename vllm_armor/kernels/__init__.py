@@ -75,8 +75,7 @@ def _auto(spec: LayerSpec) -> tuple[type[ArmorKernel], str]:
     for kernel in KERNELS:
         ok, why = kernel.can_implement(spec)
         if ok:
-            reason = why if not rejected else f"{kernel.description}; " + "; ".join(rejected)
-            return kernel, reason
+            return kernel, "; ".join([f"{kernel.description} ({why})", *rejected])
         rejected.append(f"not {kernel.name}: {why}")
     raise ValueError(f"no ARMOR kernel can run this layer ({'; '.join(rejected)})")
 

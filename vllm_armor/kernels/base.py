@@ -40,9 +40,16 @@ class ArmorKernel(ABC):
         return True, f"{cls.name} runs on every device"
 
     @classmethod
+    def layer_refusal(cls, spec: LayerSpec) -> str | None:
+        """Why this kernel cannot run the layer's shape or dtype (device aside), or None; by default every layer."""
+        return None
+
+    @classmethod
     def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:
-        """(ok, reason) for one layer; by default any layer on a supported device."""
-        return cls.supports_device(spec.device)
+        """(ok, reason) for one layer: its device (`supports_device`), then its shape and dtype (`layer_refusal`)."""
+        ok, why = cls.supports_device(spec.device)
+        refusal = cls.layer_refusal(spec) if ok else None
+        return (False, refusal) if refusal else (ok, why)
 
     def __init__(self, spec: LayerSpec) -> None:
         self.spec = spec

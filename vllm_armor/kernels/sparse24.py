@@ -62,16 +62,13 @@ class Sparse24Kernel(FactoredKernel):
         return ok, f"{why} with cuSPARSELt" if ok else why
 
     @classmethod
-    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:
-        ok, why = cls.supports_device(spec.device)
-        if not ok:
-            return ok, why
+    def layer_refusal(cls, spec: LayerSpec) -> str | None:
         # cuSPARSELt constraints on the sparse operand: fp16/bf16, dims multiples of 16 / 64.
         if spec.dtype not in (torch.float16, torch.bfloat16):
-            return False, f"cuSPARSELt needs fp16/bf16, the layer computes in {spec.dtype}"
+            return f"cuSPARSELt needs fp16/bf16, the layer computes in {spec.dtype}"
         if any(rows % 16 for rows in spec.out_sizes) or spec.d_in % 64:
-            return False, f"shape/dtype outside cuSPARSELt limits (rows {spec.out_sizes}, d_in {spec.d_in})"
-        return True, why
+            return f"shape/dtype outside cuSPARSELt limits (rows {spec.out_sizes}, d_in {spec.d_in})"
+        return None
 
     def prepare_core(self, core: torch.Tensor) -> torch.Tensor:
         return torch._cslt_compress(core.contiguous())

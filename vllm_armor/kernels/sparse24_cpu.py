@@ -55,14 +55,12 @@ class Sparse24CpuKernel(ArmorKernel):
         return available()
 
     @classmethod
-    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:
-        if spec.device.type != "cpu":
-            return False, f"device is {spec.device.type}, the compressed 2:4 kernel is for CPUs"
+    def layer_refusal(cls, spec: LayerSpec) -> str | None:
         if spec.dtype != torch.bfloat16:
-            return False, f"the CPU 2:4 kernel computes in bf16, the layer in {spec.dtype}"
+            return f"the CPU 2:4 kernel computes in bf16, the layer in {spec.dtype}"
         if spec.d_in % fmt.META_INPUTS:
-            return False, f"d_in {spec.d_in} is not a multiple of 8"
-        return available()
+            return f"d_in {spec.d_in} is not a multiple of 8"
+        return None
 
     def process_weights(self, layer: nn.Module, shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
         self.rows = [int(t[fmt.CORE_VALUES].shape[0]) for t in shards]

@@ -313,22 +313,14 @@ class Triton24Kernel(ArmorKernel):
         return ok, f"{why}, triton {triton.__version__}" if ok else why
 
     @classmethod
-    def can_implement(cls, spec: LayerSpec) -> tuple[bool, str]:
-        ok, why = cls.supports_device(spec.device)
-        if not ok:
-            return ok, why
-        return cls.layer_rules(spec)
-
-    @classmethod
-    def layer_rules(cls, spec: LayerSpec) -> tuple[bool, str]:
-        """The layer-level conditions (device aside; the interpreter tests run these kernels on CPU)."""
+    def layer_refusal(cls, spec: LayerSpec) -> str | None:
         if spec.dtype not in (torch.float16, torch.bfloat16):
-            return False, f"the Triton 2:4 kernels compute in fp16/bf16, the layer in {spec.dtype}"
+            return f"the Triton 2:4 kernels compute in fp16/bf16, the layer in {spec.dtype}"
         if spec.d_in % fmt.META_INPUTS:
-            return False, f"d_in {spec.d_in} is not a multiple of {fmt.META_INPUTS}"
+            return f"d_in {spec.d_in} is not a multiple of {fmt.META_INPUTS}"
         if not tile_rows(spec.out_sizes, spec.has_ab):
-            return False, f"shards with A/B of rows {spec.out_sizes} have no common multiple-of-16 tile"
-        return True, cls.description
+            return f"shards with A/B of rows {spec.out_sizes} have no common multiple-of-16 tile"
+        return None
 
     def process_weights(self, layer: nn.Module, shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
         dtype, rows = self.spec.dtype, [int(t[fmt.CORE_VALUES].shape[0]) for t in shards]
