@@ -26,7 +26,7 @@ import torch
 from offline_prune.checkpoint import checkpoint_state, write_checkpoint
 from offline_prune.executor import Executor, LocalExecutor
 from offline_prune.model_card import CARD_FILE, model_card
-from offline_prune.progress import pause_point
+from offline_prune.progress import pause_point, remove_retired
 from offline_prune.report import Report, Tuning, build_report, finished_report, log_summary, write_report
 from offline_prune.run import Run, open_run
 from offline_prune.run_args import PruneArgs
@@ -57,6 +57,7 @@ def _prune(args: PruneArgs, overwrite: bool, executor: Executor, command: str | 
     out = Path(args.out)
     finished = None if overwrite else finished_report(out, args)
     if finished is not None:
+        remove_retired(out)  # a kill while the finished run removed its progress
         log.info("%s already holds the finished run of these arguments: nothing to do", out)
         return finished
     run = open_run(args, overwrite, executor, command)

@@ -37,6 +37,11 @@ PAUSE_MARK = "ARMOR_PRUNE_PAUSED"
 _pause_hits: dict[str, int] = {}
 
 
+def remove_retired(out: Path) -> None:
+    """Remove what a run killed while removing its retired progress (`Progress.finish`) left behind."""
+    shutil.rmtree(out / RETIRED_DIR, ignore_errors=True)
+
+
 def pause_point(point: str) -> None:
     """Test hook (see the module docstring); does nothing unless ARMOR_PRUNE_PAUSE_AT names ``point``."""
     spec = os.environ.get(PAUSE_ENV)
@@ -57,7 +62,7 @@ class Progress:
         self.dir = out / PROGRESS_DIR
         if overwrite and out.exists():
             shutil.rmtree(out)
-        shutil.rmtree(out / RETIRED_DIR, ignore_errors=True)  # a run killed while removing its finished progress
+        remove_retired(out)
         if out.exists() and any(out.iterdir()) and not (self.dir / RUN_FILE).exists():
             raise UserError(f"output folder {out} exists and is not an unfinished run: pass --overwrite to replace it")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -135,4 +140,5 @@ class Progress:
         """Retire .progress/ in one step (the checkpoint beside it is complete), then remove it."""
         retired = self.dir.parent / RETIRED_DIR
         os.replace(self.dir, retired)
+        pause_point("retire")
         shutil.rmtree(retired)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from offline_prune.progress import PAUSE_ENV, PAUSE_MARK, PROGRESS_DIR
+from offline_prune.progress import PAUSE_ENV, PAUSE_MARK, PROGRESS_DIR, RETIRED_DIR
 
 pytestmark = pytest.mark.slow  # each test runs (and kills, and reruns) armor-prune subprocesses: minutes in all
 
@@ -116,11 +116,16 @@ def _progress_files_whole(out: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("point", ["calibration:2", "job:5", "progress_write:3", "tuning:1", "final_write"])
+@pytest.mark.parametrize("point", ["calibration:2", "job:5", "progress_write:3", "tuning:1", "final_write", "retire"])
 def test_kill_at_a_point_then_rerun_is_byte_identical(reference, tiny_llama, c4_path, tmp_path, point):
     cmd = _command(tiny_llama, c4_path)
     _kill_when(cmd, tmp_path, point=point)
     out = tmp_path / OUT
+    if point == "retire":  # killed after the last write, while removing the retired progress: nothing left to do
+        assert (out / "armor_report.json").is_file() and (out / RETIRED_DIR).is_dir()
+        assert not (out / PROGRESS_DIR).exists()
+        assert _run(cmd, tmp_path).returncode == 0 and _snapshot(out) == reference[0]
+        return
     assert (out / PROGRESS_DIR / "run.json").is_file()
     done = _progress_files_whole(out)
     if point == "progress_write:3":  # killed between writing the 3rd file and renaming it: 2 trusted, 1 temporary
