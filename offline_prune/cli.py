@@ -54,7 +54,8 @@ def prune_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (an HF folder with an ARMOR quantization_config)")
     p.add_argument("--method", default="armor", choices=method_names())
     p.add_argument("--calib", default=None,
-                   help="c4:PATH.jsonl, text:PATH or self (default: self = sampled from the model, with a warning)")
+                   help="c4:PATH.jsonl (web text), chat:PATH.jsonl (conversations rendered with the model's chat "
+                        "template), text:PATH or self (default: self = sampled from the model, with a warning)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
