@@ -135,6 +135,9 @@ def tune_layer(layer: nn.Module, factored: Mapping[str, FactoredLinear], inputs:
         return before, outputs, {"loss_before": None, "loss_after": None, "steps": 0, "stopped": "time_limit",
                                  "kept": True, "seconds": round(time.perf_counter() - start, 3)}
     loss_before, out_before = output_error(layer, inputs, targets, kwargs)
+    if not factored:  # every linear of the layer left dense (--skip): nothing to tune, the stream passes through
+        return {}, out_before, {"loss_before": loss_before, "loss_after": loss_before, "steps": 0, "stopped": "steps",
+                                "kept": True, "seconds": round(time.perf_counter() - start, 3)}
     params = [p for lin in factored.values() for p in (lin.core, lin.a, lin.b) if p is not None]
     trained = {id(p) for p in params}
     for p in layer.parameters():  # norms and unpruned linears stay as they are

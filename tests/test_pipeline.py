@@ -526,3 +526,15 @@ def test_eval_refuses_a_non_finite_perplexity(tiny_llama, wikitext_path, tmp_pat
                            "64", "--max-windows", "2"], capture_output=True, text=True, timeout=300)
     _assert_one_line_error(proc, "is not finite")
     assert proc.stdout == ""
+
+
+def test_block_tuning_passes_a_layer_left_wholly_dense(tiny_llama, c4_path, tmp_path):
+    """--skip leaving every linear of a layer dense: block tuning passes the stream through it (no empty Adam)."""
+    out = tmp_path / "out"
+    prune(tiny_args(tiny_llama, out, c4_path, iters=2, tune_epochs=1, skip=r"layers\.1\."))
+    report = json.loads((out / "armor_report.json").read_text())
+    assert [r["layer"] for r in report["tuning_layers"]] == [0, 1]
+    assert report["tuning_layers"][1]["steps"] == 0 and report["tuning_layers"][0]["steps"] > 0
+    _, tensors = fmt.read_folder(out)
+    assert not any(k.startswith("model.layers.1.") and k.endswith(fmt.CORE_VALUES) for k in tensors)
+    assert any(k.startswith("model.layers.0.") and k.endswith(fmt.CORE_VALUES) for k in tensors)
