@@ -75,6 +75,7 @@ docker-test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) -m tools.code_rules
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
