@@ -6,10 +6,13 @@ Every model answers the 303 questions of `bench/answers_set.py` two ways, offlin
 - multiple choice: "Question: Q\\nAnswer:" followed by each of four choices, the choice of the highest
   log-likelihood (summed over its tokens, as lm-eval's `acc`).
 Each row carries the accuracy of both with its standard error, per family, and for ARMOR folders the weight bytes
-against dense and A+B / core values from `armor_report.json`. `--ppl-windows N` adds WikiText-2 perplexity on the
-first N windows (armor-eval). Writes bench/results/answers.json and appends the table to docs/BENCHMARKS.md.
+against dense, A+B / core values, the method and the prune's wall time from `armor_report.json`.
+`--ppl-windows N` adds WikiText-2 perplexity on the first N windows of 2048 tokens (`all`: the whole test split)
+and `--heldout-windows N` the held-out text's (bench/heldout.py), both through armor-eval. Writes the run through
+bench.common.record (JSON under bench/results/, the table appended to docs/BENCHMARKS.md).
 
     python -m bench.answers dense=smollm2-135m armor=out/smollm2-armor [--ppl-windows 40] [--limit 30]
+    python -m bench.answers dense=smollm2-135m armor=DIR sparsegpt=DIR --ppl-windows all --heldout-windows 20
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from bench.answers_set import Item, questions
 from bench.common import WIKITEXT, armor_eval_ppl, command_line, loadavg, record
+from bench.heldout import shakespeare_text
 
 MAX_NEW_TOKENS = 24
 BATCH = 16
@@ -85,7 +89,32 @@ def accuracy(right: list[bool]) -> dict:
     return {"acc": round(p, 4), "stderr": round(math.sqrt(p * (1 - p) / len(right)), 4), "n": len(right)}
 
 
-def evaluate(name: str, folder: str, items: list[Item], ppl_windows: int | None) -> dict:
+def report_cells(path: Path) -> dict:
+    """Cost and provenance of one model from its armor_report.json (a dense folder: 1.0x bytes, no A+B)."""
+    report = path / "armor_report.json"
+    if not report.is_file():
+        return {"bytes_ratio": 1.0, "ab_overhead": 0.0, "calibration": None, "method": "dense", "prune_s": None}
+    data = json.loads(report.read_text())
+    summary, args = data["summary"], data.get("args") or {}
+    return {"bytes_ratio": summary["bytes_ratio"], "ab_overhead": summary["ab_overhead"],
+            "calibration": data.get("calibration"), "method": args.get("method"),
+            "tune_epochs": args.get("tune_epochs"), "prune_s": summary.get("wall_seconds")}
+
+
+def perplexities(path: Path, ppl_windows: int | None, heldout_windows: int | None) -> dict:
+    """WikiText-2 and held-out perplexity (armor-eval, ctx 2048); 0 windows = the whole text."""
+    cells: dict = {}
+    if ppl_windows is not None:
+        got = armor_eval_ppl(path, WIKITEXT, 2048, ppl_windows or None)
+        cells.update(wikitext_ppl=got["ppl"], wikitext_windows=got.get("windows"))
+    if heldout_windows is not None:
+        got = armor_eval_ppl(path, shakespeare_text(), 2048, heldout_windows or None)
+        cells.update(heldout_ppl=got["ppl"], heldout_windows=got.get("windows"))
+    return cells
+
+
+def evaluate(name: str, folder: str, items: list[Item], ppl_windows: int | None,
+             heldout_windows: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from offline_prune.checkpoint import load_model
@@ -107,37 +136,57 @@ def evaluate(name: str, folder: str, items: list[Item], ppl_windows: int | None)
            "replies": [{"q": it.question, "reply": r, "right": g} for it, r, g in zip(items, replies, greedy,
                                                                                      strict=True)],
            "seconds": round(time.time() - started, 1)}
-    report = Path(path) / "armor_report.json"
-    if report.is_file():
-        summary = json.loads(report.read_text())["summary"]
-        row["bytes_ratio"], row["ab_overhead"] = summary["bytes_ratio"], summary["ab_overhead"]
-        row["calibration"] = json.loads(report.read_text()).get("calibration")
-    else:
-        row["bytes_ratio"], row["ab_overhead"] = 1.0, 0.0
-    if ppl_windows:
-        row["wikitext_ppl"] = armor_eval_ppl(path, WIKITEXT, 2048, ppl_windows)["ppl"]
+    row.update(report_cells(Path(path)))
+    row.update(perplexities(Path(path), ppl_windows, heldout_windows))
     log.info("%s: greedy %.3f, choice %.3f (%.0f s)", name, row["greedy"]["acc"], row["mc"]["acc"], row["seconds"])
     return row
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _calibration(calib: dict) -> str:
+    return f"{calib['data']} {calib.get('samples')}x{calib.get('seqlen')}" if calib.get("data") else "-"
+
+
+def _ppl(row: dict, text: str) -> str:
+    if row.get(f"{text}_ppl") is None:
+        return "-"
+    return f"{row[f'{text}_ppl']:.2f} ({row.get(f'{text}_windows')})"
 
 
 def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
     lines = [f"\n## Answer benchmark ({time.strftime('%Y-%m-%d')}, {len(questions())} questions"
              f"{f', first {args.limit}' if args.limit else ''}; load {args.load_start} at start)\n",
-             f"`{command}`\n", "| model | greedy right | choice right | WikiText-2 ppl | weight bytes / dense | "
-             "A+B / core | calibration |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"`{command}`\n", "| model | greedy right | choice right | WikiText-2 ppl (windows) | held-out ppl "
+             "(windows) | weight bytes / dense | A+B / core | prune s | calibration |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         calib = r.get("calibration") or {}
-        ppl = f"{r['wikitext_ppl']:.2f}" if "wikitext_ppl" in r else "-"
         lines.append(f"| {name} | {r['greedy']['acc']:.3f} ± {r['greedy']['stderr']:.3f} | {r['mc']['acc']:.3f} ± "
-                     f"{r['mc']['stderr']:.3f} | {ppl} | {r['bytes_ratio']:.3f} | {r['ab_overhead']:.3f} | "
-                     f"{calib.get('data', '-')} |")
+                     f"{r['mc']['stderr']:.3f} | {_ppl(r, 'wikitext')} | {_ppl(r, 'heldout')} | "
+                     f"{r['bytes_ratio']:.3f} | {r['ab_overhead']:.3f} | {_num(r.get('prune_s'), 0)} | "
+                     f"{_calibration(calib)} |")
     return "\n".join(lines) + "\n"
+
+
+def windows_arg(text: str) -> int:
+    """A window count for --ppl-windows / --heldout-windows: a positive int, or 'all' (0 = no limit)."""
+    if text == "all":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of windows or 'all', got {text!r}")
+    return int(text)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help="NAME=FOLDER (an HF folder, an ARMOR checkpoint or a bundled name)")
-    p.add_argument("--ppl-windows", type=int, default=None, help="also WikiText-2 perplexity on this many windows")
+    p.add_argument("--ppl-windows", type=windows_arg, default=None,
+                   help="also WikiText-2 perplexity on this many windows of 2048 tokens ('all': the whole split)")
+    p.add_argument("--heldout-windows", type=windows_arg, default=None,
+                   help="also the held-out text's perplexity (bench/heldout.py) on this many windows ('all')")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -146,7 +195,7 @@ def main() -> int:
     results = {}
     for spec in args.models:
         name, _, folder = spec.partition("=")
-        results[name] = evaluate(name, folder or name, items, args.ppl_windows)
+        results[name] = evaluate(name, folder or name, items, args.ppl_windows, args.heldout_windows)
     command = command_line("answers")
     record("answers", {"results": results, "questions": len(items)}, markdown(results, args, command))
     return 0
