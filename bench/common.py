@@ -2,16 +2,21 @@
 commands, perplexity), lanes of parallel work, the load average, the weights and input statistics of chosen
 layers, and recording a result.
 
-Every script records the same way (`record`): its JSON under bench/results/ and its markdown appended to
-docs/BENCHMARKS.md (and echoed), so no figure there is typed by hand. Scripts run as modules from the repository
-root (`python -m bench.NAME`), which also makes the repository's tools/ package importable.
+Every script records the same way (`record`): its JSON under bench/results/ (ignored by git), the run in an
+envelope (date, machine, load, command) under bench/results/runs/BENCHMARK/ (committed; `python -m
+bench.results_page` builds docs/RESULTS.md and the README's results block from the newest of each), and its
+markdown appended to docs/BENCHMARKS.md, the history log (and echoed), so no figure there is typed by hand. Scripts
+run as modules from the repository root (`python -m bench.NAME`), which also makes the repository's tools/ package
+importable.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -124,10 +129,50 @@ def command_line(script: str) -> str:
     return f"python -m bench.{script.removesuffix('.py')} " + " ".join(sys.argv[1:])
 
 
-def record(name: str, payload: dict, markdown: str) -> None:
-    """Write bench/results/NAME.json, append MARKDOWN to docs/BENCHMARKS.md and print it."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string where that file says none)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """The machine a run is recorded on: platform, CPU model and core count."""
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count()}
+
+
+def write_run(benchmark: str, payload: dict, command: str, now: dt.datetime | None = None) -> Path:
+    """Write one run of BENCHMARK, in its envelope (date, machine, load, command, payload), to
+    bench/results/runs/BENCHMARK/STAMP.json (STAMP: the UTC time, e.g. 20261206T043000Z); return its path."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    envelope = {"benchmark": benchmark, "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": machine(),
+                "load": loadavg(), "command": command, "payload": payload}
+    folder = RESULTS / "runs" / benchmark
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    path, n = folder / f"{stamp}.json", 1
+    while path.exists():  # two runs within one second: STAMP-2, STAMP-3, ...
+        n += 1
+        path = folder / f"{stamp}-{n}.json"
+    path.write_text(json.dumps(envelope, indent=1, default=str) + "\n")
+    log.info("recorded %s", path)
+    return path
+
+
+def record(name: str, payload: dict, markdown: str, command: str | None = None) -> Path:
+    """Write bench/results/NAME.json, the run's envelope under bench/results/runs/ (`write_run`; the benchmark is
+    NAME's first path part, so `soak/soak-STAMP` is a run of `soak`), append MARKDOWN to docs/BENCHMARKS.md and
+    print it. COMMAND: how the bench was called (default: `command_line` of the benchmark). Returns the run's path."""
+    benchmark = name.split("/")[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    run_path = write_run(benchmark, payload, command or command_line(benchmark))
     with (REPO / "docs" / "BENCHMARKS.md").open("a") as f:
         f.write(markdown)
     sys.stdout.write(markdown)
+    return run_path
