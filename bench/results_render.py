@@ -1,6 +1,6 @@
 """The sections of the results page (bench/results_page.py): one renderer per known benchmark (`answers`,
-`serve_speed`, `demo_time`) and a generic one for the rest, each from a run's payload only. Every figure is
-formatted here (fixed decimals), so the page and the README block built from the same run agree.
+`serve_speed`, `demo_time`, `demo_options`) and a generic one for the rest, each from a run's payload only. Every
+figure is formatted here (fixed decimals), so the page and the README block built from the same run agree.
 """
 
 from __future__ import annotations
@@ -180,6 +180,23 @@ def render_demo_time(payload: dict) -> Section:
     return Section("`make demo` step by step (`demo_time`)", lines)
 
 
+# demo_options ----------------------------------------------------------------------------------------------------
+
+def render_demo_options(payload: dict) -> Section:
+    """The ways of spending the demo's prune time, side by side; the one the demo should take named."""
+    rows = [[name, num(r.get("prune_wall_s"), 0), num(r.get("wikitext_ppl"), 2), acc(r.get("greedy")),
+             acc(r.get("mc")), num(r.get("bytes_ratio"), 3), num(r.get("ab_overhead"), 3),
+             ", ".join(f"{k} {num(v, 0)}" for k, v in (r.get("phases") or {}).items()),
+             f"`{r.get('command', '-')}`"] for name, r in payload.get("rows", {}).items()]
+    lines = [f"WikiText-2 perplexity on the demo's {payload.get('windows', '?')} windows; answers on "
+             f"{payload.get('questions', '?')} questions of bench/answers_set.py.", ""]
+    lines += table(["candidate", "prune s", "WikiText-2 ppl", "greedy right", "choice right", "weight bytes / dense",
+                    "A+B / core", "phases s", "command"], rows)
+    lines += ["", f"Lowest perplexity among the prunes within {num(payload.get('fits_s'), 0)} s: "
+                  f"**{payload.get('chosen') or 'none'}**."]
+    return Section("How to spend the demo's prune time (`demo_options`)", lines)
+
+
 # any other benchmark ---------------------------------------------------------------------------------------------
 
 def flat_scalars(value: object, prefix: str = "") -> list[tuple[str, str]]:
@@ -205,7 +222,8 @@ def render_generic(payload: dict) -> Section:
 
 
 RENDERERS: dict[str, Callable[[dict], Section]] = {
-    "answers": render_answers, "serve_speed": render_serve_speed, "demo_time": render_demo_time}
+    "answers": render_answers, "serve_speed": render_serve_speed, "demo_time": render_demo_time,
+    "demo_options": render_demo_options}
 
 
 def render(benchmark: str, payload: dict) -> Section:

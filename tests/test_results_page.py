@@ -154,3 +154,15 @@ def test_cpu_model_reads_cpuinfo(tmp_path):
 
 def test_committed_results_page_and_readme_block_are_current():
     assert results_page.main(["--check"]) == 0, "run `python -m bench.results_page` and commit docs/ and README.md"
+
+
+def test_demo_options_are_shown_side_by_side_with_the_chosen_one(site):
+    row = {**ANSWERS["results"]["armor"], "prune_wall_s": 181.4, "phases": {"load": 4.0, "tuning": 95.2},
+           "command": "smollm2-135m x --y"}
+    put_run(site["runs"], "demo_options", "20261206T060000Z",
+            {"rows": {"w16-b180": row}, "questions": 44, "windows": 4, "fits_s": 200, "chosen": "w16-b180"})
+    assert generate(site) == 0
+    page = site["out"].read_text()
+    assert ("| w16-b180 | 181 | 45.48 | 0.030 ± 0.010 | 0.512 ± 0.029 | 0.700 | 0.114 | load 4, tuning 95 | "
+            "`smollm2-135m x --y` |") in page
+    assert "within 200 s: **w16-b180**" in page and "44 questions" in page
