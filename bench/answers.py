@@ -48,6 +48,16 @@ def is_right(reply: str, answers: tuple[str, ...]) -> bool:
     return any(_words(a) in said for a in answers)
 
 
+def user_message(question: str) -> str:
+    """The greedy part's one user message, sent through the model's chat template."""
+    return question + SUFFIX
+
+
+def choice_texts(question: str, choice: str) -> tuple[str, str]:
+    """The multiple-choice part's context and continuation of one choice (scored: the continuation's tokens)."""
+    return f"Question: {question}\nAnswer:", " " + choice
+
+
 def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -60,7 +70,7 @@ def greedy_replies(model, tokenizer, items: list[Item]) -> list[str]:
     replies = []
     for start in range(0, len(items), BATCH):
         chunk = items[start:start + BATCH]
-        rows = [tokenizer.apply_chat_template([{"role": "user", "content": it.question + SUFFIX}], tokenize=True,
+        rows = [tokenizer.apply_chat_template([{"role": "user", "content": user_message(it.question)}], tokenize=True,
                                               add_generation_prompt=True, return_dict=False) for it in chunk]
         ids, mask = _left_padded(rows, tokenizer.eos_token_id)
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
@@ -74,10 +84,10 @@ def choice_picks(model, tokenizer, items: list[Item]) -> list[int]:
     """The index of the most likely choice of every item (summed log-likelihood of its tokens)."""
     picks = []
     for it in items:
-        context = tokenizer(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
         scores = []
         for choice in it.choices:
-            cont = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            context, cont = (tokenizer(text, add_special_tokens=False)["input_ids"]
+                             for text in choice_texts(it.question, choice))
             logits = model(torch.tensor([context + cont])).logits[0, len(context) - 1:-1].float()
             scores.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum().item())
         picks.append(max(range(len(scores)), key=scores.__getitem__))

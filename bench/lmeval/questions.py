@@ -1,6 +1,6 @@
-"""The 40 questions of the local lm-eval task `armor_local_mc` (written for this repository): (question,
-choices, index of the answer). `bench/lm_eval_local.py` writes them as JSON lines under bench/results/ before
-running lm-eval (`armor_local_mc.yaml` reads that file)."""
+"""40 multiple-choice questions written for this repository: (question, choices, index of the answer). Formerly
+the lm-eval task `armor_local_mc`; now part of the answer benchmark (bench/answers_set.py takes the 37 that its
+families do not ask already), which lm-eval runs as `armor_answers_mc` / `armor_answers_gen`."""
 
 QUESTIONS: list[tuple[str, list[str], int]] = [
     ("What color is the sky on a clear day?", ["blue", "green", "red", "black"], 0),
