@@ -39,15 +39,15 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 
 demo: setup
 	$(MAKE) --no-print-directory demo-prune
-	$(MAKE) --no-print-directory demo-eval
 	$(MAKE) --no-print-directory demo-summary
 
-# The demo's steps (bench/demo_time.py times each one).
+# The demo's steps (bench/demo_time.py times each one). demo-eval is not one of them: demo-summary computes the same
+# perplexity while the ARMOR server starts (or reuses demo-eval's line where it is current).
 demo-prune: setup
 	$(VENV)/bin/armor-prune smollm2-135m $(DEMO_OUT) --method armor --time-budget $(DEMO_BUDGET) --overwrite \
 	  --calib c4:$(DATA)/c4/c4_validation_2k.jsonl --calib-samples 32 --calib-seqlen 512
 
-# WikiText-2 perplexity of the checkpoint on DEMO_WINDOWS windows; its JSON line is kept for demo-summary.
+# WikiText-2 perplexity of the checkpoint on DEMO_WINDOWS windows (its JSON line is kept for demo-summary).
 demo-eval: setup
 	$(VENV)/bin/armor-eval ppl $(DEMO_OUT) --data $(DEMO_WIKITEXT) --ctx-len $(DEMO_CTX) --max-windows $(DEMO_WINDOWS) \
 	  > $(DEMO_OUT)/demo_ppl.json.tmp
@@ -57,7 +57,7 @@ demo-eval: setup
 # time one decode, and print a table side by side with the dense model (whose side is computed once, then cached).
 demo-summary: setup
 	$(PY) -m tools.demo_summary $(DEMO_OUT) --armor-ppl $(DEMO_OUT)/demo_ppl.json --data $(DEMO_WIKITEXT) \
-	  --ctx-len $(DEMO_CTX) --windows $(DEMO_WINDOWS)
+	  --ctx-len $(DEMO_CTX) --windows $(DEMO_WINDOWS) --json $(DEMO_OUT)/demo_summary.json
 
 # --- vLLM serving (vllm_armor plugin) -----------------------------------------------------------------
 SERVE_PORT ?= 8000

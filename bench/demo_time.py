@@ -2,10 +2,10 @@
 
     .venv/bin/python -m bench.demo_time [--fresh-dense]
 
-Runs `make demo-prune`, `make demo-eval` and `make demo-summary` (the three steps of `make demo`, setup already
-done) one after another, timing each, and reads the prune's report (phases, budget, cost), the perplexity line and
-whether the summary computed the dense side or found it cached (``--fresh-dense`` first removes the cached dense
-side, as on a fresh machine). Writes bench/results/demo_time.json and a line in docs/BENCHMARKS.md.
+Runs `make demo-prune` and `make demo-summary` (the steps of `make demo`, setup already done) one after another,
+timing each, and reads the prune's report (phases, budget, cost) and the summary's JSON (perplexities, answers right,
+decode speeds, and whether the dense side was computed or found cached; ``--fresh-dense`` first removes the cached
+dense side, as on a fresh machine). Writes bench/results/demo_time.json and a line in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bench.common import REPO, command_line, record
 from tools.demo_summary import dense_cache_folder
 
 log = logging.getLogger("bench.demo_time")
-STEPS = ("demo-prune", "demo-eval", "demo-summary")
+STEPS = ("demo-prune", "demo-summary")
 
 
 def main() -> None:
@@ -50,9 +50,9 @@ def main() -> None:
         log.info("%s: %.1f s", step, times[step])
     out = REPO / "out" / "smollm2-armor"
     summary = json.loads((out / "armor_report.json").read_text())["summary"]
-    ppl = json.loads(outputs["demo-eval"].strip().splitlines()[-1])
+    sides = json.loads((out / "demo_summary.json").read_text())
+    dense, armor = sides["dense"], sides["armor"]
     total = sum(times.values())
-    dense_note = next((line for line in outputs["demo-summary"].splitlines() if line.startswith("Dense side:")), "")
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "load_before": load_before, "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
             "command": command_line("demo_time")}
@@ -64,10 +64,17 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_seconds"].items())
           + f"; budget {summary['time_budget_s']:.0f} s, stopped by: {summary['stopped']}; "
           f"weights {summary['bytes_ratio']:.3f}x dense, A+B / core values {summary['ab_overhead']:.4f}; "
-          f"mean relative proxy loss {summary['mean_loss_final_relative']:.4f}; demo perplexity "
-          f"({ppl['windows']} WikiText-2 windows) {ppl['ppl']:.2f}. {dense_note}\n")
-    record("demo_time", {"meta": meta, "seconds": times, "total": total, "summary": summary, "ppl": ppl,
-                         "dense_note": dense_note, "summary_text": outputs["demo-summary"][-6000:]}, md)
+          f"mean relative proxy loss {summary['mean_loss_final_relative']:.4f}.\n\n"
+          f"Summary ({armor['ppl']['windows']} WikiText-2 windows): perplexity dense {dense['ppl']['ppl']:.2f}, "
+          f"ARMOR {armor['ppl']['ppl']:.2f}; answers right dense {right(dense)}, ARMOR {right(armor)}; decode "
+          f"tokens/s of one served request dense {dense['decode']['tokens_per_s']:.1f}, ARMOR "
+          f"{armor['decode']['tokens_per_s']:.1f}. {sides['notes'][0]}\n")
+    record("demo_time", {"meta": meta, "seconds": times, "total": total, "summary": summary, "sides": sides,
+                         "summary_text": outputs["demo-summary"][-6000:]}, md)
+
+
+def right(side: dict) -> str:
+    return f"{sum(a['right'] for a in side['answers'])}/{len(side['answers'])}"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def test_the_demo_questions_are_distinct_benchmark_items():
     assert len({it.family for it in items}) == len(items)  # one per family
 
 
-@pytest.mark.slow  # the bundled model in transformers: 99 s on 2 cores at load 5 (2026-12-06)
+@pytest.mark.slow  # the bundled model in transformers: 15 to 99 s on 2 busy cores (2026-12-06)
 def test_the_dense_model_answers_every_demo_question_right(smollm2_dir):
     from transformers import AutoTokenizer
 
