@@ -198,6 +198,7 @@ def main() -> int:
     p.add_argument("--heldout-windows", type=windows_arg, default=None,
                    help="also the held-out text's perplexity (bench/heldout.py) on this many windows ('all')")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (a quick look)")
+    p.add_argument("--note", default="", help="a sentence on how the run was made, kept with it and shown on the page")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.load_start = loadavg()
@@ -207,7 +208,8 @@ def main() -> int:
         name, _, folder = spec.partition("=")
         results[name] = evaluate(name, folder or name, items, args.ppl_windows, args.heldout_windows)
     command = command_line("answers")
-    record("answers", {"results": results, "questions": len(items)}, markdown(results, args, command))
+    payload = {"results": results, "questions": len(items), "note": args.note}
+    record("answers", payload, markdown(results, args, command) + (f"\n{args.note}\n" if args.note else ""))
     return 0
 
 

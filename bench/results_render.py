@@ -111,6 +111,8 @@ def render_answers(payload: dict) -> Section:
     lines = [f"{payload.get('questions', '?')} questions; greedy: the chat-template reply holds an accepted answer; "
              "choice: the most likely of four choices. Weight bytes / dense and A+B / core: the checkpoint's "
              "`armor_report.json` (dense: 1 and 0).", "", *table(header, rows), *family_table(results)]
+    if payload.get("note"):
+        lines += ["", f"Note on this run: {payload['note']}"]
     figure = ppl_figure(results)
     figures = {PPL_FIGURE: figure} if figure else {}
     if figure:
