@@ -99,11 +99,12 @@ def answers_block(run: Run, results_link: str) -> list[str]:
     rows = []
     for name, row in run.payload.get("results", {}).items():
         c = answers_cells(row)
-        rows.append([name, c["wikitext"], c["heldout"], c["bytes"], c["prune_s"],
+        rows.append([name, c["wikitext_w"], c["heldout_w"], c["bytes"], c["prune_s"],
                      f"{c['greedy_acc']} / {c['mc_acc']}"])
     return [f"Answer benchmark, newest run ({run.date}; machine, load, command, standard errors and per-family "
             f"figures in [{results_link}]({results_link})):", "",
-            *table(["model", "WikiText-2 ppl", "held-out ppl", "weight bytes / dense", "prune s",
+            *table(["model", "WikiText-2 ppl (windows)", "held-out ppl (windows)", "weight bytes / dense",
+                    "prune s",
                     "greedy / choice right"], rows)]
 
 

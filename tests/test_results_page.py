@@ -98,7 +98,7 @@ def test_readme_block_numbers_all_stand_on_the_page(site):
     put_run(site["runs"], "serve_speed", "20261206T050000Z", SERVE)
     assert generate(site) == 0
     block, page = readme_block(site), site["out"].read_text()
-    assert "| armor | 45.48 | 73.91 | 0.700 | 1524 | 0.030 / 0.512 |" in block
+    assert "| armor | 45.48 (10) | 73.91 (8) | 0.700 | 1524 | 0.030 / 0.512 |" in block
     assert "| ARMOR, default kernel (auto: sparse24_cpu) | 12.3 | 40.3 | 0.82 / 0.77 |" in block
     assert "(docs/RESULTS.md)" in block and site["readme"].read_text().endswith(f"{results_page.END}\n\nafter\n")
     numbers = set(re.findall(r"\d+(?:\.\d+)?", block))
