@@ -9,9 +9,11 @@ TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DATA ?= ../shared/data
 DEMO_OUT ?= out/smollm2-armor
-# The demo's prune gets this time budget (a real ARMOR prune of the bundled model, stopped early where the
-# budget runs out); without a budget the defaults run to the plateau stop (docs/BENCHMARKS.md).
-DEMO_BUDGET ?= 150s
+# The demo's prune: ARMOR on DEMO_CALIB_SAMPLES C4 windows of 512 tokens within DEMO_BUDGET, the way of spending
+# ~3 minutes that gave the lowest perplexity in `python -m bench.demo_options` (docs/RESULTS.md, "demo_options"):
+# fewer windows leave the budget room for block tuning. Without a budget the defaults run to the plateau stop.
+DEMO_BUDGET ?= 180s
+DEMO_CALIB_SAMPLES ?= 16
 DEMO_WIKITEXT ?= $(DATA)/wikitext2/wiki.test.raw
 DEMO_CTX ?= 2048
 DEMO_WINDOWS ?= 4
@@ -45,7 +47,7 @@ demo: setup
 # perplexity while the ARMOR server starts (or reuses demo-eval's line where it is current).
 demo-prune: setup
 	$(VENV)/bin/armor-prune smollm2-135m $(DEMO_OUT) --method armor --time-budget $(DEMO_BUDGET) --overwrite \
-	  --calib c4:$(DATA)/c4/c4_validation_2k.jsonl --calib-samples 32 --calib-seqlen 512
+	  --calib c4:$(DATA)/c4/c4_validation_2k.jsonl --calib-samples $(DEMO_CALIB_SAMPLES) --calib-seqlen 512
 
 # WikiText-2 perplexity of the checkpoint on DEMO_WINDOWS windows (its JSON line is kept for demo-summary).
 demo-eval: setup

@@ -3,7 +3,11 @@ the table carries its cost."""
 
 from __future__ import annotations
 
-from bench.demo_options import FITS_S, choose, markdown
+import json
+import re
+
+from bench.common import REPO
+from bench.demo_options import CANDIDATES, FITS_S, choose, markdown
 
 
 def _row(wall: float, ppl: float) -> dict:
@@ -20,3 +24,13 @@ def test_the_lowest_perplexity_that_fits_is_chosen_and_a_slow_prune_never():
     assert "| better | 190 | 70.00 | 0.500 | 0.500 | 0.700 | 0.114 | load 4, calibration 20 |" in table
     assert "**better**" in table
 
+
+
+def test_the_makefile_demo_prunes_the_way_the_newest_committed_run_chose():
+    runs = sorted((REPO / "bench" / "results" / "runs" / "demo_options").glob("*.json"))
+    assert runs, "no committed bench/demo_options run"
+    chosen = json.loads(runs[-1].read_text())["payload"]["chosen"]
+    samples, extra = CANDIDATES[chosen]
+    make = (REPO / "Makefile").read_text()
+    assert re.search(rf"^DEMO_CALIB_SAMPLES \?= {samples}$", make, re.M), chosen
+    assert re.search(rf"^DEMO_BUDGET \?= {extra[extra.index('--time-budget') + 1]}$", make, re.M), chosen
