@@ -55,13 +55,19 @@ def page_order(folder: Path) -> tuple[int, str]:
     return (known.index(folder.name), "") if folder.name in known else (len(known), folder.name)
 
 
+def newest_run(folder: Path) -> Path | None:
+    """The newest run file of one benchmark's folder (`run_order`), None where it has none."""
+    files = sorted(folder.glob("*.json"), key=run_order) if folder.is_dir() else []
+    return files[-1] if files else None
+
+
 def newest_runs(runs_dir: Path) -> list[Run]:
     """The newest run of every benchmark folder under RUNS_DIR (`page_order`)."""
     runs = []
     for folder in sorted((p for p in runs_dir.glob("*") if p.is_dir()), key=page_order):
-        files = sorted(folder.glob("*.json"), key=run_order)
-        if files:
-            runs.append(Run(folder.name, files[-1], json.loads(files[-1].read_text())))
+        newest = newest_run(folder)
+        if newest:
+            runs.append(Run(folder.name, newest, json.loads(newest.read_text())))
     return runs
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tools.demo_report import full_default_lines, newest_run, one_line, render
+from bench.results_page import newest_run
+from tools.demo_report import full_default_lines, one_line, render
 from tools.demo_summary import cache_path, dense_key, windows_spec
 
 REPORT = {"bytes_ratio": 0.7, "ab_overhead": 0.1137, "time_budget_s": 150.0, "stopped": {"time_limit": 210},

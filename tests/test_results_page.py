@@ -167,3 +167,10 @@ def test_demo_options_are_shown_side_by_side_with_the_chosen_one(site):
     assert ("| w16-b180 | 181 | 45.48 | 0.030 ± 0.010 | 0.512 ± 0.029 | 0.700 | 0.114 | load 4, tuning 95 | "
             "`smollm2-135m x --y` |") in page
     assert "within 200 s: **w16-b180**" in page and "44 questions" in page
+
+
+def test_the_newest_run_of_one_folder_counts_a_second_run_within_the_same_second(tmp_path):
+    assert results_page.newest_run(tmp_path / "none") is None
+    for stamp in ("20261206T060000Z", "20261206T060000Z-2", "20261205T235959Z"):
+        (tmp_path / f"{stamp}.json").write_text("{}")
+    assert results_page.newest_run(tmp_path).name == "20261206T060000Z-2.json"  # plain name order puts it first

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RUNS = Path(__file__).resolve().parents[1] / "bench" / "results" / "runs" / "answers"
+from bench.common import RESULTS
+from bench.results_page import newest_run
+
+RUNS = RESULTS / "runs" / "answers"
 ANSWER_WIDTH = 72
 
 
@@ -48,12 +51,6 @@ def answer_lines(dense: dict, armor: dict) -> list[str]:
                   f"    dense [{'right' if d['right'] else 'wrong'}]: {one_line(d['answer'])}",
                   f"    ARMOR [{'right' if a['right'] else 'wrong'}]: {one_line(a['answer'])}"]
     return lines
-
-
-def newest_run(folder: Path = RUNS) -> Path | None:
-    """The newest recorded answer-benchmark run (file names are UTC stamps, so the last name is the newest)."""
-    runs = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    return runs[-1] if runs else None
 
 
 def full_default_lines(report: dict, windows: int, folder: Path = RUNS) -> list[str]:

@@ -9,13 +9,13 @@ neither start-up nor prefill is in it. It is one request on a shared machine: th
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.answers import is_right
+from bench.common import loadavg
 from tools.demo_questions import ANSWER_TOKENS, chat_text, demo_items
 from tools.vllm_server import VllmServer
 
@@ -23,10 +23,6 @@ log = logging.getLogger("tools.demo_serve")
 DECODE_TOKENS = 64
 DECODE_PROMPT = "The history of the city begins"
 SERVE_ARGS = ["--max-model-len", "2048", "--enforce-eager"]
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def chat_answers(srv: VllmServer) -> list[dict]:
